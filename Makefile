@@ -1,0 +1,44 @@
+# The two commands a new user needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LEDGER := $(BIN)/ledger
+
+.PHONY: install broker demo test test-unit test-integration bench check down clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+# Fetches the Kafka jars from Maven Central on first use; a no-op when
+# KAFKA_BOOTSTRAP_SERVERS points at an existing cluster.
+broker: install
+	$(LEDGER) broker start
+
+demo: install
+	$(LEDGER) up
+	$(LEDGER) demo
+
+# pytest exits 5 when no test ran; make treats any non-zero exit as failure.
+test: broker
+	$(BIN)/pytest -q tests
+
+test-unit: install
+	$(BIN)/pytest -q tests/unit
+
+bench: broker
+	$(BIN)/python -m benchmarks.pipeline
+
+check: install
+	$(BIN)/ruff check ledger streams projections tests benchmarks
+	$(BIN)/mypy
+
+down:
+	$(LEDGER) down
+
+clean: down
+	rm -rf .ledger

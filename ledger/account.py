@@ -1,0 +1,276 @@
+"""The per-user account: a fold over that user's partition of the usage log.
+
+``decide(account, command, plans)`` is where the ledger's rules live. It reads
+no clock (time is the event's ``occurred_at``), does no I/O, and returns a
+:class:`Decision`: the outcome as a value, the new account to store, and the
+facts to emit. Dedup happens here, in the same state update that applies the
+spend, so a crash can never record an id without its spend or the reverse.
+
+For speed the fold updates the account it is given once every check has
+passed: callers store ``decision.account`` and must not keep the old value.
+A rejected, duplicate or conflicting command leaves the account untouched.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import msgspec
+
+from ledger.events import (
+    AnyCommand,
+    GateEvent,
+    LedgerEntry,
+    PlanAssigned,
+    PlanPublished,
+    UsageRecorded,
+    payload_digest,
+)
+from ledger.money import ZERO, add
+from ledger.periods import period_bounds, session_expired
+from ledger.plans import Plan
+from ledger.pricing import price
+
+DEDUP_WINDOW_EVENTS_PER_USER = 1000
+OPEN_SESSIONS_PER_USER_MAX = 256
+GATE_NAMESPACE = uuid.UUID("0c7f3f2e-4b1d-5f0a-9a6e-7d2b9e51c3a4")
+
+
+class Result(enum.Enum):
+    """Outcomes in order of precedence."""
+
+    ok = "ok"
+    duplicate = "duplicate"
+    conflict = "conflict"
+    rejected = "rejected"
+
+
+class PlanHistory(msgspec.Struct, kw_only=True, tag="plan_history"):
+    """Every version of one plan, as this partition has seen them."""
+
+    tenant: str
+    plan_id: str
+    versions: dict[int, Plan] = {}
+
+    @property
+    def newest(self) -> Plan:
+        return self.versions[max(self.versions)]
+
+
+class SessionState(msgspec.Struct, kw_only=True):
+    session_id: str
+    started_at: datetime
+    last_at: datetime
+    plan_version: int
+    spend: Decimal = ZERO
+    crossed: list[str] = []
+
+    @property
+    def scope(self) -> str:
+        return f"session:{self.session_id}@{self.started_at.isoformat()}"
+
+
+class Account(msgspec.Struct, kw_only=True, tag="account"):
+    tenant: str
+    user: str
+    plan_id: str | None = None
+    anchor: datetime | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    period_spend: Decimal = ZERO
+    period_tokens: dict[str, int] = {}
+    crossed: list[str] = []
+    sessions: dict[str, SessionState] = {}
+    seq: int = 0
+    # event_id -> payload digest, oldest first, at most DEDUP_WINDOW_EVENTS_PER_USER.
+    seen: dict[str, str] = {}
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    result: Result
+    account: Account | None = None
+    plan_history: PlanHistory | None = None
+    entry: LedgerEntry | None = None
+    gates: tuple[GateEvent, ...] = ()
+    code: str = ""
+    reason: str = ""
+
+
+PlanLookup = Callable[[str, str], PlanHistory | None]
+
+
+def reject(code: str, reason: str) -> Decision:
+    return Decision(result=Result.rejected, code=code, reason=reason)
+
+
+def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> Decision:
+    """Apply one command from a user's partition (or a broadcast plan version)."""
+    if isinstance(command, PlanPublished):
+        return _publish_plan(plans(command.tenant, command.plan.plan_id), command)
+    if account is not None:
+        seen = account.seen.get(command.event_id)
+        if seen is not None:
+            if seen == payload_digest(command):
+                return Decision(result=Result.duplicate, code="duplicate",
+                                reason=f"event {command.event_id} was already applied")
+            return Decision(result=Result.conflict, code="conflict",
+                            reason=f"event id {command.event_id} was already applied "
+                                   "with a different payload; this one is not applied")
+    if isinstance(command, PlanAssigned):
+        return _assign_plan(account, command, plans)
+    return _record_usage(account, command, plans)
+
+
+def _publish_plan(history: PlanHistory | None, command: PlanPublished) -> Decision:
+    plan = command.plan
+    if plan.version < 1:
+        return reject("invalid_plan", f"plan {plan.plan_id} version must be 1 or more")
+    if history is not None and plan.version in history.versions:
+        if history.versions[plan.version] == plan:
+            return Decision(result=Result.duplicate, code="duplicate",
+                            reason=f"plan {plan.plan_id} v{plan.version} is already published")
+        return Decision(result=Result.conflict, code="conflict",
+                        reason=f"plan {plan.plan_id} v{plan.version} was already published "
+                               "with different content; publish a new version instead")
+    versions = {**(history.versions if history else {}), plan.version: plan}
+    return Decision(result=Result.ok,
+                    plan_history=PlanHistory(tenant=command.tenant, plan_id=plan.plan_id, versions=versions))
+
+
+def _assign_plan(account: Account | None, command: PlanAssigned, plans: PlanLookup) -> Decision:
+    if plans(command.tenant, command.plan_id) is None:
+        return reject("unknown_plan", f"plan {command.plan_id} is not published for tenant {command.tenant}")
+    account = account or Account(tenant=command.tenant, user=command.user)
+    if account.plan_id != command.plan_id:
+        # A plan change closes open sessions: the next call starts one on the new plan.
+        account.sessions = {}
+    if account.anchor != command.period_start:
+        account.period_start = account.period_end = None
+    account.plan_id = command.plan_id
+    account.anchor = command.period_start
+    _remember(account, command)
+    return Decision(result=Result.ok, account=account)
+
+
+def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLookup) -> Decision:
+    if account is None or account.plan_id is None or account.anchor is None:
+        return reject("no_plan", f"user {command.user} has no plan: assign one before recording usage")
+    history = plans(command.tenant, account.plan_id)
+    if history is None:
+        return reject("unknown_plan", f"plan {account.plan_id} is not published")
+    at = command.occurred_at
+    if at < account.anchor:
+        return reject("before_subscription",
+                      f"usage at {at.isoformat()} precedes the subscription start {account.anchor.isoformat()}")
+    newest = history.newest
+    period_start, period_end = period_bounds(account.anchor, newest.period_interval, at)
+    late = account.period_start is not None and period_start < account.period_start
+
+    session = account.sessions.get(command.session_id)
+    if session is None or session_expired(session.last_at, at, _timeout(history.versions[session.plan_version])):
+        session = SessionState(session_id=command.session_id, started_at=at, last_at=at,
+                               plan_version=newest.version)
+    plan = history.versions[session.plan_version]
+    cost = price(plan, command.model, command.input_tokens, command.output_tokens, command.tools)
+    if cost is None:
+        return reject("model_not_allowed",
+                      f"model {command.model!r} is not allowed on plan {plan.name!r} (v{plan.version})")
+
+    # Every check passed: from here on the account is updated.
+    tokens = command.input_tokens + command.output_tokens
+    account.seq += 1
+    _remember(account, command)
+    if late:
+        # A closed period's live totals are final; the entry still carries its
+        # own period so history counts it there.
+        entry = _entry(account, command, session, plan, cost, period_start, period_end, late=True,
+                       period_spend=None, session_spend=None, model_tokens=None)
+        return Decision(result=Result.ok, account=account, entry=entry)
+
+    if account.period_start != period_start:
+        account.period_start, account.period_end = period_start, period_end
+        account.period_spend, account.period_tokens, account.crossed = ZERO, {}, []
+    account.period_spend = add(account.period_spend, cost)
+    account.period_tokens[command.model] = account.period_tokens.get(command.model, 0) + tokens
+    session.spend = add(session.spend, cost)
+    session.last_at = max(session.last_at, at)
+    account.sessions[command.session_id] = session
+    _prune_sessions(account, at, history)
+
+    gates = _crossings(account, session, plan, command)
+    entry = _entry(account, command, session, plan, cost, period_start, period_end, late=False,
+                   period_spend=account.period_spend, session_spend=session.spend,
+                   model_tokens=account.period_tokens[command.model])
+    return Decision(result=Result.ok, account=account, entry=entry, gates=gates)
+
+
+def _timeout(plan: Plan) -> timedelta:
+    return timedelta(minutes=float(plan.session_timeout_minutes))
+
+
+def _remember(account: Account, command: AnyCommand) -> None:
+    account.seen[command.event_id] = payload_digest(command)
+    while len(account.seen) > DEDUP_WINDOW_EVENTS_PER_USER:
+        del account.seen[next(iter(account.seen))]
+
+
+def _prune_sessions(account: Account, at: datetime, history: PlanHistory) -> None:
+    """Forget sessions that have ended by event time, and bound the rest."""
+    sessions = account.sessions
+    ended = [sid for sid, s in sessions.items()
+             if session_expired(s.last_at, at, _timeout(history.versions[s.plan_version]))]
+    for sid in ended:
+        del sessions[sid]
+    if len(sessions) > OPEN_SESSIONS_PER_USER_MAX:
+        for sid in sorted(sessions, key=lambda sid: sessions[sid].last_at)[:-OPEN_SESSIONS_PER_USER_MAX]:
+            del sessions[sid]
+
+
+def _crossings(account: Account, session: SessionState, plan: Plan,
+               command: UsageRecorded) -> tuple[GateEvent, ...]:
+    """Gate events for every threshold this event crossed for the first time."""
+    assert account.period_start is not None
+    period_scope = f"period:{account.period_start.isoformat()}"
+    model_limit = plan.model_limits.get(command.model)
+    dimensions: list[tuple[str, str | None, Decimal, Decimal | None, list[str], str]] = [
+        ("period_spend", None, account.period_spend, plan.max_spend_per_period, account.crossed, period_scope),
+        ("session_spend", None, session.spend, plan.max_spend_per_session, session.crossed, session.scope),
+        ("model_tokens", command.model, Decimal(account.period_tokens[command.model]),
+         Decimal(model_limit.max_tokens_per_period) if model_limit else None, account.crossed, period_scope),
+    ]
+    gates = []
+    for dimension, model, used, limit, crossed, scope in dimensions:
+        if not limit:  # None or 0: unlimited
+            continue
+        for kind, ratio in (("soft_warning", plan.soft_gate_at), ("hard_block", plan.hard_gate_at)):
+            threshold = ratio * limit
+            key = f"{dimension}:{model or ''}:{kind}:{threshold}"
+            if used < threshold or key in crossed:
+                continue
+            crossed.append(key)
+            gates.append(GateEvent(
+                gate_id=str(uuid.uuid5(GATE_NAMESPACE, f"{account.tenant}/{account.user}/{scope}/{key}")),
+                tenant=account.tenant, user=account.user, kind=kind, dimension=dimension,  # type: ignore[arg-type]
+                model=model, threshold=threshold, used=used, limit=limit, scope=scope,
+                plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
+                occurred_at=command.occurred_at,
+            ))
+    return tuple(gates)
+
+
+def _entry(account: Account, command: UsageRecorded, session: SessionState, plan: Plan, cost: Decimal,
+           period_start: datetime, period_end: datetime, *, late: bool, period_spend: Decimal | None,
+           session_spend: Decimal | None, model_tokens: int | None) -> LedgerEntry:
+    return LedgerEntry(
+        tenant=command.tenant, user=command.user, event_id=command.event_id, seq=account.seq,
+        session_id=command.session_id, session_started_at=session.started_at, model=command.model,
+        input_tokens=command.input_tokens, output_tokens=command.output_tokens,
+        tool_calls=sum(command.tools.values()), cost=cost, plan_id=plan.plan_id, plan_name=plan.name,
+        plan_version=plan.version, period_start=period_start, period_end=period_end,
+        occurred_at=command.occurred_at, period_spend=period_spend, session_spend=session_spend,
+        period_model_tokens=model_tokens, late=late,
+    )

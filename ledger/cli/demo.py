@@ -1,0 +1,72 @@
+"""The demo workload: the plans guide's two plans, a dozen users, some over their limits.
+
+Deterministic (fixed ids and times), so running the demo twice adds nothing:
+the second run's events are all recognised as duplicates.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from ledger.events import AnyCommand, PlanAssigned, PlanPublished, UsageRecorded
+from ledger.plans import Plan, parse_plans_config, plans_from_config
+
+DEMO_TENANT = "demo"
+DEMO_START = datetime(2026, 11, 1, tzinfo=timezone.utc)
+PLANS_FILE = Path(__file__).resolve().parents[2] / "examples" / "plans.json"
+
+# user -> (plan, [(model, input_tokens, output_tokens, calls)], sessions)
+USERS: dict[str, tuple[str, list[tuple[str, int, int, int]]]] = {
+    "alice": ("free", [("gpt-4o-mini", 1000, 1000, 3)]),          # 6k of 10k tokens: quiet
+    "bob": ("free", [("gpt-4o-mini", 1000, 1000, 4)]),            # 8k: soft warning
+    "carol": ("free", [("gpt-4o-mini", 1000, 1000, 7)]),          # 14k: soft, then hard block
+    "dave": ("free", [("gpt-4o-mini", 1200, 800, 5)]),            # exactly 10k: hard block at 10,000
+    "erin": ("free", [("gpt-4o-mini", 300, 200, 6)]),             # 3k: quiet
+    "frank": ("pro", [("gpt-4o-mini", 2000, 1000, 20), ("gpt-4o", 1500, 500, 8)]),   # quiet
+    "grace": ("pro", [("gpt-4o", 3000, 2000, 9)]),                # 45k of 50k gpt-4o: soft
+    "heidi": ("pro", [("gpt-4o", 4000, 2000, 10)]),               # 60k: soft, hard
+    "ivan": ("pro", [("gpt-4o", 40000, 60000, 60)]),              # runaway loop: tokens and $5 session cap
+    "judy": ("pro", [("gpt-4o-mini", 8000, 4000, 12)]),           # 144k of 200k mini: quiet
+}
+
+
+def demo_plans(tenant: str = DEMO_TENANT) -> list[Plan]:
+    return plans_from_config(parse_plans_config(PLANS_FILE.read_bytes()), tenant)
+
+
+def demo_commands(tenant: str = DEMO_TENANT) -> list[AnyCommand]:
+    """Plans, assignments, then interleaved usage (and three calls a plan refuses)."""
+    rng = random.Random(20261101)
+    plans = {plan.name: plan for plan in demo_plans(tenant)}
+    commands: list[AnyCommand] = [
+        PlanPublished(event_id=f"plan-{p.name}-v{p.version}", tenant=tenant, occurred_at=DEMO_START, plan=p)
+        for p in plans.values()
+    ]
+    commands += [
+        PlanAssigned(event_id=f"assign-{user}", tenant=tenant, user=user, plan_id=plans[plan].plan_id,
+                     period_start=DEMO_START, occurred_at=DEMO_START)
+        for user, (plan, _) in USERS.items()
+    ]
+    calls: list[UsageRecorded] = []
+    for user, (_, mix) in USERS.items():
+        t = DEMO_START + timedelta(hours=rng.randint(1, 48))
+        n = 0
+        for model, input_tokens, output_tokens, count in mix:
+            for _ in range(count):
+                n += 1
+                t += timedelta(seconds=rng.randint(5, 120))
+                calls.append(UsageRecorded(
+                    event_id=f"{user}-call-{n:04d}", tenant=tenant, user=user, model=model,
+                    input_tokens=input_tokens, output_tokens=output_tokens,
+                    session_id=f"{user}-chat-1", occurred_at=t,
+                ))
+    # Free users may not call gpt-4o: these land in the dead-letter topic.
+    for user in ("alice", "carol", "erin"):
+        calls.append(UsageRecorded(
+            event_id=f"{user}-gpt4o", tenant=tenant, user=user, model="gpt-4o", input_tokens=500,
+            output_tokens=500, session_id=f"{user}-chat-1", occurred_at=DEMO_START + timedelta(days=3),
+        ))
+    calls.sort(key=lambda c: (c.occurred_at, c.event_id))
+    return commands + calls

@@ -1,0 +1,258 @@
+"""The `ledger` command line: broker, worker, projector, the local stack, demo and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from ledger.settings import Settings
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+def _local_broker(settings: Settings):  # type: ignore[no-untyped-def]
+    from streams.kafka_local import LocalBroker
+
+    return LocalBroker(settings.home / "kafka")
+
+
+@click.group()
+def cli() -> None:
+    """usage-ledger: priced LLM usage, gate events and spend history per end user."""
+
+
+# -- broker -------------------------------------------------------------------
+
+
+@cli.group()
+def broker() -> None:
+    """The local single-node Kafka broker (unused when KAFKA_BOOTSTRAP_SERVERS is set)."""
+
+
+@broker.command("fetch")
+def broker_fetch() -> None:
+    """Download the broker jars from Maven Central into the cache."""
+    _local_broker(_settings()).fetch()
+
+
+@broker.command("start")
+def broker_start() -> None:
+    """Start the broker and wait until it accepts connections."""
+    settings = _settings()
+    if settings.external_bootstrap:
+        click.echo(f"using the existing cluster at {settings.external_bootstrap}; nothing started")
+        return
+    local = _local_broker(settings)
+    local.start()
+    click.echo(f"broker ready at {local.bootstrap} (log: {local.log_file})")
+
+
+@broker.command("stop")
+def broker_stop() -> None:
+    _local_broker(_settings()).stop()
+
+
+@broker.command("status")
+def broker_status() -> None:
+    """Exit 0 when the broker answers, 1 otherwise."""
+    from streams.kafka_local import BrokerError, wait_until_ready
+
+    settings = _settings()
+    try:
+        wait_until_ready(settings.bootstrap, timeout_s=3)
+    except BrokerError as exc:
+        click.echo(str(exc))
+        sys.exit(1)
+    click.echo(f"broker answers at {settings.bootstrap}")
+
+
+# -- processes ------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--worker-id", default="0", help="Distinguishes workers on one machine (their data dirs).")
+@click.option("--loglevel", default="info", type=click.Choice(["crit", "error", "warn", "info", "debug"]))
+def worker(worker_id: str, loglevel: str) -> None:
+    """Run a ledger processor worker in the foreground."""
+    from streams.app import run_worker
+
+    run_worker(_settings(), worker_id, loglevel)
+
+
+@cli.command()
+def projector() -> None:
+    """Run the DuckDB projector in the foreground."""
+    from projections.projector import run_projector
+
+    run_projector(_settings())
+
+
+@cli.command()
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16))
+def up(workers: int) -> None:
+    """Start the local stack in the background: broker, worker(s), projector."""
+    from ledger.cli import stack
+    from streams.topics import ensure_topics
+
+    settings = _settings()
+    if not settings.external_bootstrap:
+        _local_broker(settings).start()
+    asyncio.run(ensure_topics(settings))
+    for i in range(workers):
+        stack.start(settings, f"worker-{i}", ["worker", "--worker-id", str(i)])
+    stack.start(settings, "projector", ["projector"])
+    for name, pid in stack.running(settings).items():
+        click.echo(f"{name:<12} pid {pid}  log {settings.logs_dir / (name + '.log')}")
+
+
+@cli.command()
+@click.option("--keep-broker", is_flag=True, help="Leave the local broker running.")
+def down(keep_broker: bool) -> None:
+    """Stop the local stack."""
+    from ledger.cli import stack
+
+    settings = _settings()
+    for name in stack.running(settings):
+        stack.stop(settings, name)
+        click.echo(f"stopped {name}")
+    if not keep_broker and not settings.external_bootstrap:
+        _local_broker(settings).stop()
+        click.echo("stopped broker")
+
+
+@cli.command()
+def status() -> None:
+    """Which parts of the local stack run, and how far behind they are."""
+    from ledger.cli import stack
+    from streams.progress import processor_lag, projector_lag
+
+    settings = _settings()
+    for name, pid in stack.running(settings).items():
+        click.echo(f"{name:<12} pid {pid}")
+    click.echo(f"processor lag: {asyncio.run(processor_lag(settings))} records")
+    click.echo(f"projector lag: {asyncio.run(projector_lag(settings, settings.history_path))} records")
+
+
+# -- data -------------------------------------------------------------------------
+
+
+@cli.group()
+def plans() -> None:
+    """Plans from a file in the plans guide's format."""
+
+
+@plans.command("publish")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tenant", required=True)
+def plans_publish(file: Path, tenant: str) -> None:
+    """Publish version 1 of every plan in FILE to the usage log (idempotent)."""
+    from ledger.events import PlanPublished
+    from ledger.plans import PlanError, parse_plans_config, plans_from_config
+    from streams.publisher import UsagePublisher
+
+    try:
+        loaded = plans_from_config(parse_plans_config(file.read_bytes()), tenant)
+    except PlanError as exc:
+        raise click.ClickException(str(exc)) from None
+    now = datetime.now(timezone.utc)
+    commands = [PlanPublished(event_id=f"plan-{p.plan_id}-v{p.version}", tenant=tenant, occurred_at=now, plan=p)
+                for p in loaded]
+
+    async def go() -> None:
+        async with UsagePublisher(_settings()) as publisher:
+            await publisher.publish(commands)
+
+    asyncio.run(go())
+    for p in loaded:
+        click.echo(f"{p.name}: {p.plan_id} v{p.version}")
+
+
+@cli.command()
+@click.argument("user")
+@click.argument("plan_id")
+@click.option("--tenant", required=True)
+@click.option("--start", type=click.DateTime(), help="Subscription start (UTC); defaults to now.")
+def assign(user: str, plan_id: str, tenant: str, start: datetime | None) -> None:
+    """Put USER on the plan PLAN_ID (a command in the user's partition of the log)."""
+    import uuid
+
+    from ledger.events import PlanAssigned
+    from streams.publisher import UsagePublisher
+
+    now = datetime.now(timezone.utc)
+    period_start = start.replace(tzinfo=timezone.utc) if start else now
+    command = PlanAssigned(event_id=str(uuid.uuid4()), tenant=tenant, user=user, plan_id=plan_id,
+                           period_start=period_start, occurred_at=now)
+
+    async def go() -> None:
+        async with UsagePublisher(_settings()) as publisher:
+            await publisher.publish([command])
+
+    asyncio.run(go())
+
+
+@cli.command()
+@click.option("--tenant", default="demo", show_default=True)
+def report(tenant: str) -> None:
+    """Per-user spend and gate events from the history file."""
+    from projections.projector import connect
+
+    settings = _settings()
+    with connect(settings.history_path, read_only=True) as con:
+        click.echo(format_report(con, tenant))
+
+
+def format_report(con, tenant: str) -> str:  # type: ignore[no-untyped-def]
+    from ledger.money import format_usd
+    from projections.reports import rejections_by_code, render_table, user_spend
+
+    rows = [[r.user, r.plan, str(r.calls), f"{r.input_tokens + r.output_tokens:,}", format_usd(r.spend),
+             r.soft_warnings or "-", r.hard_blocks or "-"] for r in user_spend(con, tenant)]
+    out = [f"Spend per user, tenant {tenant!r}", "",
+           render_table(["user", "plan", "calls", "tokens", "spend", "soft warnings", "hard blocks"], rows)]
+    rejected = rejections_by_code(con, tenant)
+    if rejected:
+        out += ["", "Dead-lettered events", "",
+                render_table(["code", "count", "example reason"], [[c, str(n), r] for c, n, r in rejected])]
+    return "\n".join(out)
+
+
+@cli.command()
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for processing.")
+def demo(timeout: float) -> None:
+    """Publish the demo workload, wait until it is processed, print the report."""
+    from ledger.cli.demo import DEMO_TENANT, demo_commands
+    from projections.projector import connect
+    from streams.progress import wait_caught_up
+    from streams.publisher import UsagePublisher
+    from streams.topics import ensure_topics
+
+    settings = _settings()
+    commands = demo_commands()
+
+    async def go() -> int:
+        await ensure_topics(settings)
+        async with UsagePublisher(settings) as publisher:
+            sent = await publisher.publish(commands)
+            await publisher.publish_raw(b"demo/mallory", b"{not json")
+            await publisher.publish_raw(
+                b"demo/mallory",
+                b'{"type":"usage","event_id":"neg-1","tenant":"demo","user":"mallory","model":"gpt-4o-mini",'
+                b'"input_tokens":-5,"output_tokens":10,"occurred_at":"2026-11-02T00:00:00Z"}')
+        await wait_caught_up(settings, settings.history_path, timeout)
+        return sent + 2
+
+    sent = asyncio.run(go())
+    click.echo(f"published {sent} records; processed and projected into {settings.history_path}\n")
+    with connect(settings.history_path, read_only=True) as con:
+        click.echo(format_report(con, DEMO_TENANT))
+
+
+if __name__ == "__main__":
+    cli()

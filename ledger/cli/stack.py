@@ -1,0 +1,77 @@
+"""`ledger up` / `ledger down`: the local stack as background processes.
+
+Each process writes its log to ``<home>/logs/<name>.log`` and its pid to
+``<home>/run/<name>.pid``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ledger.settings import Settings
+
+STOP_TIMEOUT_S = 20.0
+
+
+def _run_dir(settings: Settings) -> Path:
+    path = settings.home / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def running(settings: Settings) -> dict[str, int]:
+    """Names and pids of this stack's live background processes."""
+    out = {}
+    for pid_file in sorted(_run_dir(settings).glob("*.pid")):
+        try:
+            pid = int(pid_file.read_text())
+        except ValueError:
+            continue
+        if _alive(pid):
+            out[pid_file.stem] = pid
+        else:
+            pid_file.unlink(missing_ok=True)
+    return out
+
+
+def start(settings: Settings, name: str, args: list[str]) -> int:
+    """Start ``ledger <args>`` in the background unless it already runs."""
+    live = running(settings)
+    if name in live:
+        return live[name]
+    settings.logs_dir.mkdir(parents=True, exist_ok=True)
+    log = open(settings.logs_dir / f"{name}.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ledger.cli.main", *args],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "LEDGER_HOME": str(settings.home), "LEDGER_NAMESPACE": settings.namespace},
+    )
+    (_run_dir(settings) / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop(settings: Settings, name: str) -> bool:
+    pid = running(settings).get(name)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    (_run_dir(settings) / f"{name}.pid").unlink(missing_ok=True)
+    return True

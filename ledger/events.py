@@ -1,0 +1,154 @@
+"""Events: the commands that enter the usage log, and the facts the ledger emits.
+
+Every event is immutable, past tense and self-identifying: a client-generated
+``event_id``, tenant, user, a timezone-aware ``occurred_at`` and a schema
+version. The wire format is JSON with a ``type`` tag; money travels as decimal
+strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+from ledger.plans import Plan
+
+SCHEMA_VERSION = 1
+EVENT_ID_LENGTH_MAX = 128
+NAME_LENGTH_MAX = 128
+TOKENS_PER_EVENT_MAX = 10_000_000
+TOOL_CALLS_PER_EVENT_MAX = 10_000
+TOOLS_PER_EVENT_MAX = 64
+
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_ID_LENGTH_MAX)]
+Tenant = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_LENGTH_MAX)]
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=TOKENS_PER_EVENT_MAX)]
+ToolCalls = Annotated[int, msgspec.Meta(ge=0, le=TOOL_CALLS_PER_EVENT_MAX)]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+
+DEFAULT_SESSION = "default"
+
+
+class Command(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    """Anything written to the usage log. Ordered per user by its partition."""
+
+    event_id: EventId
+    tenant: Tenant
+    occurred_at: Timestamp
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class UsageRecorded(Command, frozen=True, tag="usage"):
+    """One model call a user made."""
+
+    user: Name
+    model: Name
+    input_tokens: Tokens
+    output_tokens: Tokens
+    session_id: Name = DEFAULT_SESSION
+    tools: Annotated[dict[Name, ToolCalls], msgspec.Meta(max_length=TOOLS_PER_EVENT_MAX)] = {}
+
+
+class PlanAssigned(Command, frozen=True, tag="plan_assigned"):
+    """A user was put on a plan; their periods are anchored at ``period_start``."""
+
+    user: Name
+    plan_id: Name
+    period_start: Timestamp
+
+
+class PlanPublished(Command, frozen=True, tag="plan_published"):
+    """A plan version exists. Written to every partition of the usage log."""
+
+    plan: Plan
+
+
+AnyCommand = UsageRecorded | PlanAssigned | PlanPublished
+
+
+def user_key(tenant: str, user: str) -> str:
+    """The Kafka key of everything about one user: one partition, one order."""
+    return f"{tenant}/{user}"
+
+
+def payload_digest(command: Command) -> str:
+    """Fingerprint of a command's content, to tell a retry from a conflict."""
+    return hashlib.blake2b(msgspec.json.encode(command), digest_size=12).hexdigest()
+
+
+# -- what the ledger emits ---------------------------------------------------
+
+
+class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A priced usage event with the user's running totals after it."""
+
+    tenant: str
+    user: str
+    event_id: str
+    seq: int
+    session_id: str
+    session_started_at: datetime
+    model: str
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+    cost: Decimal
+    plan_id: str
+    plan_name: str
+    plan_version: int
+    period_start: datetime
+    period_end: datetime
+    occurred_at: datetime
+    # Running totals after this entry; None on a late entry (its period is closed).
+    period_spend: Decimal | None
+    session_spend: Decimal | None
+    period_model_tokens: int | None
+    late: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+
+GateKind = Literal["soft_warning", "hard_block", "unblocked"]
+Dimension = Literal["period_spend", "session_spend", "model_tokens"]
+
+
+class GateEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A user crossed (or came back under) a threshold. One per crossing."""
+
+    gate_id: str
+    tenant: str
+    user: str
+    kind: GateKind
+    dimension: Dimension
+    model: str | None
+    threshold: Decimal
+    used: Decimal
+    limit: Decimal
+    scope: str
+    plan_id: str
+    plan_version: int
+    cause_event_id: str
+    occurred_at: datetime
+    schema_version: int = SCHEMA_VERSION
+
+
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    """An event the ledger could not apply, with the reason. Nothing is dropped silently."""
+
+    rejection_id: str
+    code: str
+    reason: str
+    key: str | None
+    payload: str
+    payload_encoding: Literal["utf-8", "base64"]
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    tenant: str | None = None
+    user: str | None = None
+    event_id: str | None = None
+    schema_version: int = SCHEMA_VERSION

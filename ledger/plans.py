@@ -1,0 +1,165 @@
+"""Plans: limits, cost rates and gate thresholds, as immutable versions.
+
+A plan is read from the plans guide's JSON (top-level ``soft_gate_at`` /
+``hard_gate_at`` plus a ``plans`` list) and becomes a :class:`Plan` version.
+Changing a plan makes a new version; nothing edits one in place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+DEFAULT_SOFT_GATE_AT = Decimal("0.80")
+DEFAULT_HARD_GATE_AT = Decimal("1.00")
+DEFAULT_SESSION_TIMEOUT_MINUTES = Decimal("30")
+GATE_RATIO_MAX = Decimal("10")
+PLAN_NAME_LENGTH_MAX = 64
+MODEL_NAME_LENGTH_MAX = 128
+PLANS_PER_FILE_MAX = 1000
+PLAN_NAMESPACE = uuid.UUID("6b0f7c1e-8a55-4d55-9a43-2f1d4a8f0c11")
+
+# msgspec cannot bound a Decimal; _check_amounts does, naming the field.
+NonNegative = Decimal
+Ratio = Decimal
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]
+
+
+class CostRate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Dollars per 1,000 tokens."""
+
+    input: NonNegative
+    output: NonNegative
+
+
+class ModelLimit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    max_tokens_per_period: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """One immutable version of a plan. A limit of ``None`` or 0 means unlimited."""
+
+    plan_id: str
+    name: str
+    version: int
+    max_spend_per_period: Decimal | None = None
+    max_spend_per_session: Decimal | None = None
+    model_limits: dict[str, ModelLimit] = {}
+    cost_rates: dict[str, CostRate] = {}
+    default_cost_rate: CostRate | None = None
+    tool_costs: dict[str, Decimal] = {}
+    soft_gate_at: Decimal = DEFAULT_SOFT_GATE_AT
+    hard_gate_at: Decimal = DEFAULT_HARD_GATE_AT
+    session_timeout_minutes: Decimal = DEFAULT_SESSION_TIMEOUT_MINUTES
+    markup: Decimal = Decimal(1)
+    period_interval: Literal["month", "year"] = "month"
+
+    def allows(self, model: str) -> bool:
+        return model in self.cost_rates or model in self.model_limits
+
+    def rate_for(self, model: str) -> CostRate | None:
+        """The model's own rate, else the default rate; None if not allowed."""
+        if not self.allows(model):
+            return None
+        return self.cost_rates.get(model, self.default_cost_rate)
+
+
+class PlanSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One entry of the plans guide's ``plans`` list, as an operator writes it."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=PLAN_NAME_LENGTH_MAX)]
+    max_spend_per_period: NonNegative | None = None
+    max_spend_per_session: NonNegative | None = None
+    model_limits: dict[ModelName, ModelLimit] = {}
+    cost_rates: dict[ModelName, CostRate] = {}
+    default_cost_rate: CostRate | None = None
+    tool_costs: dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], NonNegative] = {}
+    soft_gate_at: Ratio | None = None
+    hard_gate_at: Ratio | None = None
+    session_timeout_minutes: Decimal = DEFAULT_SESSION_TIMEOUT_MINUTES
+    markup: Decimal = Decimal(1)
+    period_interval: Literal["month", "year"] = "month"
+
+
+class PlansConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The plans guide's request body: global gate thresholds and the plans."""
+
+    plans: Annotated[list[PlanSpec], msgspec.Meta(max_length=PLANS_PER_FILE_MAX)]
+    soft_gate_at: Ratio = DEFAULT_SOFT_GATE_AT
+    hard_gate_at: Ratio = DEFAULT_HARD_GATE_AT
+
+
+class PlanError(ValueError):
+    """A plan configuration that cannot be accepted; the message names the field."""
+
+
+def plan_id_for(tenant: str, name: str) -> str:
+    """Deterministic id of a plan defined in a file, so re-loading it is idempotent."""
+    return str(uuid.uuid5(PLAN_NAMESPACE, f"{tenant}/{name}"))
+
+
+def parse_plans_config(raw: bytes | str) -> PlansConfig:
+    try:
+        return msgspec.json.decode(raw, type=PlansConfig)
+    except msgspec.ValidationError as exc:
+        raise PlanError(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise PlanError(f"not valid JSON: {exc}") from None
+
+
+def build_plan(spec: PlanSpec, config: PlansConfig, *, plan_id: str, version: int) -> Plan:
+    """Resolve a spec against the global defaults into one validated plan version."""
+    _check_amounts(spec, config)
+    soft = spec.soft_gate_at if spec.soft_gate_at is not None else config.soft_gate_at
+    hard = spec.hard_gate_at if spec.hard_gate_at is not None else config.hard_gate_at
+    if soft > hard:
+        raise PlanError(f"plan {spec.name!r}: soft_gate_at {soft} is above hard_gate_at {hard}")
+    for model in spec.model_limits:
+        if model not in spec.cost_rates and spec.default_cost_rate is None:
+            raise PlanError(
+                f"plan {spec.name!r}: model {model!r} has a limit but no cost rate "
+                "and the plan has no default_cost_rate"
+            )
+    fields = msgspec.structs.asdict(spec)
+    fields.update(soft_gate_at=soft, hard_gate_at=hard)
+    return Plan(plan_id=plan_id, version=version, **fields)
+
+
+def _check_amounts(spec: PlanSpec, config: PlansConfig) -> None:
+    where = f"plan {spec.name!r}"
+    amounts: list[tuple[str, Decimal | None]] = [
+        ("max_spend_per_period", spec.max_spend_per_period),
+        ("max_spend_per_session", spec.max_spend_per_session),
+    ]
+    rates = dict(spec.cost_rates)
+    if spec.default_cost_rate is not None:
+        rates["default_cost_rate"] = spec.default_cost_rate
+    for model, rate in rates.items():
+        amounts += [(f"cost_rates.{model}.input", rate.input), (f"cost_rates.{model}.output", rate.output)]
+    amounts += [(f"tool_costs.{tool}", cost) for tool, cost in spec.tool_costs.items()]
+    for field, value in amounts:
+        if value is not None and (not value.is_finite() or value < 0):
+            raise PlanError(f"{where}: {field} must be a non-negative number, got {value}")
+    ratios = [("soft_gate_at", spec.soft_gate_at), ("hard_gate_at", spec.hard_gate_at),
+              ("soft_gate_at (global)", config.soft_gate_at), ("hard_gate_at (global)", config.hard_gate_at)]
+    for field, ratio in ratios:
+        if ratio is not None and not (0 < ratio <= GATE_RATIO_MAX):
+            raise PlanError(f"{where}: {field} must be above 0 and at most {GATE_RATIO_MAX}, got {ratio}")
+    if not (spec.session_timeout_minutes.is_finite() and spec.session_timeout_minutes > 0):
+        raise PlanError(f"{where}: session_timeout_minutes must be positive")
+    if not (spec.markup.is_finite() and spec.markup > 0):
+        raise PlanError(f"{where}: markup must be positive")
+
+
+def plans_from_config(config: PlansConfig, tenant: str) -> list[Plan]:
+    """Version 1 of every plan in a plans-guide config, with deterministic ids."""
+    names = [spec.name for spec in config.plans]
+    if len(set(names)) != len(names):
+        raise PlanError("plan names must be unique within one config")
+    return [
+        build_plan(spec, config, plan_id=plan_id_for(tenant, spec.name), version=1)
+        for spec in config.plans
+    ]

@@ -1,0 +1,136 @@
+"""The ledger processor: decode a batch of usage-log records, fold each through
+the domain core, and collect what to emit and what to store.
+
+It holds no Kafka or Faust objects, so it runs the same in the agent and in
+tests. Ordering per user comes from the partition; dedup and conflicts are the
+core's (``ledger.account.decide``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from ledger.account import Account, Decision, PlanHistory, Result, decide
+from ledger.events import PlanPublished, Rejection, user_key
+from streams.codecs import decode_command, encode
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+StateValue = Account | PlanHistory
+
+
+@dataclass(frozen=True)
+class Record:
+    """One usage-log record as read from Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class Batch:
+    """What one batch produced: messages to send, then state to store."""
+
+    outputs: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    writes: dict[str, StateValue] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+
+def account_key(partition: int, tenant: str, user: str) -> str:
+    # The partition is part of every table key: it names the changelog partition
+    # the value lives in, so state stays with the partition that owns the user.
+    return f"{partition}:a:{user_key(tenant, user)}"
+
+
+def plan_key(partition: int, tenant: str, plan_id: str) -> str:
+    return f"{partition}:p:{tenant}/{plan_id}"
+
+
+def partition_of(table_key: str) -> int:
+    return int(table_key.split(":", 1)[0])
+
+
+class UsageProcessor:
+    def __init__(self, topics: Topics, read_state: Callable[[str], Any]) -> None:
+        self.topics = topics
+        self._read_state = read_state
+
+    def run(self, records: Iterable[Record]) -> Batch:
+        batch = Batch()
+        for record in records:
+            self._apply(record, batch)
+        return batch
+
+    def _apply(self, record: Record, batch: Batch) -> None:
+        def read(key: str) -> Any:
+            return batch.writes[key] if key in batch.writes else self._read_state(key)
+
+        try:
+            command = decode_command(record.value or b"")
+        except msgspec.DecodeError as exc:
+            self._reject(batch, record, "invalid_event", f"invalid event: {exc}")
+            return
+        p = record.partition
+        if not isinstance(command, PlanPublished):
+            expected = user_key(command.tenant, command.user).encode()
+            if record.key != expected:
+                self._reject(batch, record, "wrong_key",
+                             f"record key {record.key!r} must be {expected!r} (tenant/user) so that "
+                             "one user's events share one partition", command)
+                return
+        akey = None if isinstance(command, PlanPublished) else account_key(p, command.tenant, command.user)
+        try:
+            decision = decide(read(akey) if akey else None, command,
+                              lambda tenant, plan_id: read(plan_key(p, tenant, plan_id)))
+        except Exception as exc:  # a bug in the core must not stall the stream or lose the event
+            log.exception("core failed on %s:%s@%s", record.topic, p, record.offset)
+            self._reject(batch, record, "internal_error", f"internal error: {type(exc).__name__}", command)
+            return
+        self._collect(decision, record, command, akey, batch)
+
+    def _collect(self, decision: Decision, record: Record, command: Any, akey: str | None, batch: Batch) -> None:
+        batch.count(decision.result.value)
+        if decision.result in (Result.rejected, Result.conflict):
+            self._reject(batch, record, decision.code, decision.reason, command)
+            return
+        if decision.account is not None and akey is not None:
+            batch.writes[akey] = decision.account
+        if decision.plan_history is not None:
+            history = decision.plan_history
+            batch.writes[plan_key(record.partition, history.tenant, history.plan_id)] = history
+        if decision.entry is not None:
+            entry = decision.entry
+            batch.outputs.append((self.topics.entries, user_key(entry.tenant, entry.user).encode(), encode(entry)))
+        for gate in decision.gates:
+            batch.outputs.append((self.topics.gates, user_key(gate.tenant, gate.user).encode(), encode(gate)))
+
+    def _reject(self, batch: Batch, record: Record, code: str, reason: str, command: Any = None) -> None:
+        raw = record.value or b""
+        try:
+            payload, encoding = raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            payload, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+        rejection = Rejection(
+            rejection_id=f"{record.topic}:{record.partition}:{record.offset}",
+            code=code, reason=reason,
+            key=record.key.decode("utf-8", "replace") if record.key is not None else None,
+            payload=payload, payload_encoding=encoding,
+            source_topic=record.topic, source_partition=record.partition, source_offset=record.offset,
+            tenant=getattr(command, "tenant", None), user=getattr(command, "user", None),
+            event_id=getattr(command, "event_id", None),
+        )
+        batch.count("dead_lettered")
+        batch.outputs.append((self.topics.rejected, record.key, encode(rejection)))

@@ -1,0 +1,82 @@
+"""Topic names and their creation. Every topic of one namespace has the same partition count."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from ledger.settings import Settings
+
+# Usage is the source of truth: never deleted by age or size.
+LEADER_WAIT_S_MAX = 30.0
+KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+@dataclass(frozen=True)
+class Topics:
+    usage: str
+    entries: str
+    gates: str
+    rejected: str
+
+    @classmethod
+    def for_namespace(cls, namespace: str) -> Topics:
+        return cls(
+            usage=f"{namespace}.usage",
+            entries=f"{namespace}.entries",
+            gates=f"{namespace}.gates",
+            rejected=f"{namespace}.rejected",
+        )
+
+    def all(self) -> tuple[str, ...]:
+        return (self.usage, self.entries, self.gates, self.rejected)
+
+
+async def ensure_topics(settings: Settings) -> Topics:
+    """Create the namespace's topics if they are missing (idempotent)."""
+    topics = Topics.for_namespace(settings.namespace)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, settings.partitions, 1, topic_configs=dict(KEEP_FOREVER))
+            for name in topics.all()
+            if name not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass
+            await _wait_for_leaders(admin, [t.name for t in missing])
+    finally:
+        await admin.close()
+    return topics
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """New partitions refuse writes until they have a leader; wait for that."""
+    deadline = time.monotonic() + LEADER_WAIT_S_MAX
+    while time.monotonic() < deadline:
+        described = await admin.describe_topics(names)
+        if all(t.get("error_code", 0) == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+               for t in described):
+            return
+        await asyncio.sleep(0.1)
+
+
+async def partitions_of(bootstrap: str, names: tuple[str, ...]) -> dict[str, list[int]]:
+    """Partition numbers of each named topic that exists."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(names))
+    finally:
+        await admin.close()
+    return {t["topic"]: sorted(p["partition"] for p in t["partitions"])
+            for t in described if t.get("error_code", 0) == 0 and t["partitions"]}

@@ -1,0 +1,124 @@
+"""Fixtures for tests against the real broker: a namespace per test, worker processes, helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ledger.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> str:
+    """The broker under test: KAFKA_BOOTSTRAP_SERVERS, else the project's local broker (started if needed)."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        return external
+    from streams.kafka_local import LocalBroker
+
+    broker = LocalBroker(Path(os.environ.get("LEDGER_HOME", ROOT / ".ledger")) / "kafka")
+    broker.start()
+    return broker.bootstrap
+
+
+def new_settings(bootstrap: str, home: Path, partitions: int = 8) -> Settings:
+    return Settings(home=home, external_bootstrap=bootstrap, namespace=f"t{uuid.uuid4().hex[:12]}",
+                    partitions=partitions)
+
+
+@pytest.fixture
+def settings(bootstrap: str, tmp_path: Path) -> Settings:
+    from streams.topics import ensure_topics
+
+    s = new_settings(bootstrap, tmp_path)
+    asyncio.run(ensure_topics(s))
+    return s
+
+
+class WorkerProcess:
+    """A `ledger worker` in its own process, so tests can kill -9 it."""
+
+    def __init__(self, settings: Settings, worker_id: str = "0") -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = settings.home / f"worker-{worker_id}.log"
+        self.starts = 0
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, "LEDGER_HOME": str(self.settings.home), "LEDGER_NAMESPACE": self.settings.namespace,
+               "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap,
+               "LEDGER_PARTITIONS": str(self.settings.partitions)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ledger.cli.main", "worker", "--worker-id", self.worker_id, "--loglevel", "warn"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+        )
+        self.starts += 1
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture
+def worker_factory(settings: Settings) -> Iterator:  # type: ignore[type-arg]
+    workers: list[WorkerProcess] = []
+
+    def make(s: Settings = settings, worker_id: str = "0") -> WorkerProcess:
+        w = WorkerProcess(s, worker_id)
+        workers.append(w)
+        return w
+
+    yield make
+    for w in workers:
+        w.stop()
+
+
+@pytest.fixture
+def worker(worker_factory) -> WorkerProcess:  # type: ignore[no-untyped-def]
+    return worker_factory().start()
+
+
+def wait_processed(settings: Settings, worker: WorkerProcess | None = None, timeout_s: float = 120) -> None:
+    """Wait until the processor group has committed everything in the usage log."""
+    from streams.progress import processor_lag
+
+    deadline = time.monotonic() + timeout_s
+    while (lag := asyncio.run(processor_lag(settings))) > 0:
+        if worker is not None and not worker.alive():
+            raise AssertionError(f"worker died:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            tail = worker.log_tail() if worker else ""
+            raise AssertionError(f"processor still {lag} behind after {timeout_s}s\n{tail}")
+        time.sleep(0.5)

@@ -1,0 +1,92 @@
+"""Reading and publishing topics directly, for assertions on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ledger.events import AnyCommand, GateEvent, LedgerEntry, Rejection
+from ledger.settings import Settings
+from streams.publisher import UsagePublisher
+from streams.topics import Topics, partitions_of
+
+
+def publish(settings: Settings, commands: Iterable[AnyCommand]) -> None:
+    async def go() -> None:
+        async with UsagePublisher(settings) as publisher:
+            await publisher.publish(list(commands))
+    asyncio.run(go())
+
+
+def publish_raw(settings: Settings, records: Iterable[tuple[bytes | None, bytes]]) -> None:
+    async def go() -> None:
+        async with UsagePublisher(settings) as publisher:
+            for key, value in records:
+                await publisher.publish_raw(key, value)
+    asyncio.run(go())
+
+
+def read_partitions(settings: Settings, topic: str) -> dict[int, list[tuple[bytes | None, bytes]]]:
+    """Every record of a topic, per partition, in order."""
+    async def go() -> dict[int, list[tuple[bytes | None, bytes]]]:
+        parts = (await partitions_of(settings.bootstrap, (topic,)))[topic]
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in parts]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            for tp in tps:
+                await consumer.seek_to_beginning(tp)
+            out: dict[int, list[tuple[bytes | None, bytes]]] = {p: [] for p in parts}
+            async def behind() -> bool:
+                return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+            while await behind():
+                for tp, records in (await consumer.getmany(timeout_ms=500, max_records=20_000)).items():
+                    out[tp.partition].extend((r.key, r.value) for r in records if r.offset < ends[tp])
+            return out
+        finally:
+            await consumer.stop()
+    return asyncio.run(go())
+
+
+def read_all(settings: Settings, topic: str) -> list[bytes]:
+    return [value for records in read_partitions(settings, topic).values() for _, value in records]
+
+
+def entries(settings: Settings) -> list[LedgerEntry]:
+    return [msgspec.json.decode(v, type=LedgerEntry) for v in read_all(settings, Topics.for_namespace(settings.namespace).entries)]
+
+
+def gates(settings: Settings) -> list[GateEvent]:
+    return [msgspec.json.decode(v, type=GateEvent) for v in read_all(settings, Topics.for_namespace(settings.namespace).gates)]
+
+
+def rejections(settings: Settings) -> list[Rejection]:
+    return [msgspec.json.decode(v, type=Rejection) for v in read_all(settings, Topics.for_namespace(settings.namespace).rejected)]
+
+
+def copy_usage_log(source: Settings, target: Settings) -> int:
+    """Copy the usage log record for record, partition for partition (a replay from offset 0)."""
+    from aiokafka import AIOKafkaProducer
+
+    topic_in, topic_out = Topics.for_namespace(source.namespace).usage, Topics.for_namespace(target.namespace).usage
+    records = read_partitions(source, topic_in)
+
+    async def go() -> int:
+        producer = AIOKafkaProducer(bootstrap_servers=target.bootstrap, acks="all", enable_idempotence=True)
+        await producer.start()
+        try:
+            futures = [await producer.send(topic_out, value, key=key, partition=p)
+                       for p, rows in records.items() for key, value in rows]
+            for f in futures:
+                await f
+            return len(futures)
+        finally:
+            await producer.stop()
+    return asyncio.run(go())

@@ -17,7 +17,7 @@ import msgspec
 
 from ledger.plans import Plan
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 EVENT_ID_LENGTH_MAX = 128
 NAME_LENGTH_MAX = 128
 TOKENS_PER_EVENT_MAX = 10_000_000
@@ -78,7 +78,7 @@ def user_key(tenant: str, user: str) -> str:
 
 def payload_digest(command: Command) -> str:
     """Fingerprint of a command's content, to tell a retry from a conflict."""
-    return hashlib.blake2b(msgspec.json.encode(command), digest_size=12).hexdigest()
+    return hashlib.blake2b(msgspec.json.encode(command), digest_size=8).hexdigest()
 
 
 # -- what the ledger emits ---------------------------------------------------

@@ -109,7 +109,7 @@ def _select(columns: tuple[str, ...]) -> str:
 
 
 def _arrow(columns: tuple[str, ...], rows: list[tuple[object, ...]]) -> pa.Table:
-    return pa.table(dict(zip(columns, zip(*rows), strict=True)) if rows else {c: [] for c in columns})
+    return pa.table(dict(zip(columns, zip(*rows, strict=True), strict=True)) if rows else {c: [] for c in columns})
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -188,7 +188,7 @@ class Projector:
         targets = (("ledger_entries", ENTRY_COLUMNS, rows[self.topics.entries]),
                    ("gate_events", GATE_COLUMNS, rows[self.topics.gates]),
                    ("rejected_events", REJECTION_COLUMNS, rows[self.topics.rejected]))
-        offset_table = pa.table(dict(zip(("topic", "partition", "next_offset"), zip(*offsets), strict=True)))
+        offset_table = pa.table(dict(zip(("topic", "partition", "next_offset"), zip(*offsets, strict=True), strict=True)))
         with connect(self.path) as con:
             con.execute("BEGIN")
             for table, columns, table_rows in targets:

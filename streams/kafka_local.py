@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 POM = Path(__file__).parent / "kafka" / "pom.xml"
 BROKER_START_TIMEOUT_S = 90.0
@@ -156,7 +156,9 @@ class LocalBroker:
         return _port_open("127.0.0.1", self.port)
 
     def start(self) -> None:
-        if self.pid() is not None and self.is_ready():
+        if self.is_ready():
+            # Ours from an earlier start, or one another checkout of the project started.
+            wait_until_ready(self.bootstrap, BROKER_START_TIMEOUT_S)
             return
         self.fetch()
         self._write_config()

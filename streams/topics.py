@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -49,10 +50,8 @@ async def ensure_topics(settings: Settings) -> Topics:
             if name not in existing
         ]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
                 await admin.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass
             await _wait_for_leaders(admin, [t.name for t in missing])
     finally:
         await admin.close()

@@ -63,7 +63,7 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ledger.cli.main", "worker", "--worker-id", self.worker_id, "--loglevel", "warn"],
+            [sys.executable, "-m", "ledger.cli.main", "worker", "--worker-id", self.worker_id, "--loglevel", "info"],
             env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
         )
         self.starts += 1

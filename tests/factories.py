@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ledger.account import Account, Decision, PlanHistory, Result, decide
@@ -10,7 +10,7 @@ from ledger.events import AnyCommand, PlanAssigned, PlanPublished, UsageRecorded
 from ledger.plans import Plan, parse_plans_config, plans_from_config
 
 TENANT = "acme"
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 SEED_PLANS_JSON = (Path(__file__).resolve().parents[1] / "examples" / "plans.json").read_bytes()
 
 

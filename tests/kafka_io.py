@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import TypeVar
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -12,6 +13,8 @@ from ledger.events import AnyCommand, GateEvent, LedgerEntry, Rejection
 from ledger.settings import Settings
 from streams.publisher import UsagePublisher
 from streams.topics import Topics, partitions_of
+
+T = TypeVar("T")
 
 
 def publish(settings: Settings, commands: Iterable[AnyCommand]) -> None:
@@ -59,16 +62,21 @@ def read_all(settings: Settings, topic: str) -> list[bytes]:
     return [value for records in read_partitions(settings, topic).values() for _, value in records]
 
 
+def _decoded(settings: Settings, name: str, kind: type[T]) -> list[T]:
+    topic = getattr(Topics.for_namespace(settings.namespace), name)
+    return [msgspec.json.decode(v, type=kind) for v in read_all(settings, topic)]
+
+
 def entries(settings: Settings) -> list[LedgerEntry]:
-    return [msgspec.json.decode(v, type=LedgerEntry) for v in read_all(settings, Topics.for_namespace(settings.namespace).entries)]
+    return _decoded(settings, "entries", LedgerEntry)
 
 
 def gates(settings: Settings) -> list[GateEvent]:
-    return [msgspec.json.decode(v, type=GateEvent) for v in read_all(settings, Topics.for_namespace(settings.namespace).gates)]
+    return _decoded(settings, "gates", GateEvent)
 
 
 def rejections(settings: Settings) -> list[Rejection]:
-    return [msgspec.json.decode(v, type=Rejection) for v in read_all(settings, Topics.for_namespace(settings.namespace).rejected)]
+    return _decoded(settings, "rejected", Rejection)
 
 
 def copy_usage_log(source: Settings, target: Settings) -> int:

@@ -7,14 +7,14 @@ the second run's events are all recognised as duplicates.
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ledger.events import AnyCommand, PlanAssigned, PlanPublished, UsageRecorded
 from ledger.plans import Plan, parse_plans_config, plans_from_config
 
 DEMO_TENANT = "demo"
-DEMO_START = datetime(2026, 11, 1, tzinfo=timezone.utc)
+DEMO_START = datetime(2026, 11, 1, tzinfo=UTC)
 PLANS_FILE = Path(__file__).resolve().parents[2] / "examples" / "plans.json"
 
 # user -> (plan, [(model, input_tokens, output_tokens, calls)], sessions)

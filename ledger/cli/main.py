@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -160,7 +160,7 @@ def plans_publish(file: Path, tenant: str) -> None:
         loaded = plans_from_config(parse_plans_config(file.read_bytes()), tenant)
     except PlanError as exc:
         raise click.ClickException(str(exc)) from None
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     commands = [PlanPublished(event_id=f"plan-{p.plan_id}-v{p.version}", tenant=tenant, occurred_at=now, plan=p)
                 for p in loaded]
 
@@ -185,8 +185,8 @@ def assign(user: str, plan_id: str, tenant: str, start: datetime | None) -> None
     from ledger.events import PlanAssigned
     from streams.publisher import UsagePublisher
 
-    now = datetime.now(timezone.utc)
-    period_start = start.replace(tzinfo=timezone.utc) if start else now
+    now = datetime.now(UTC)
+    period_start = start.replace(tzinfo=UTC) if start else now
     command = PlanAssigned(event_id=str(uuid.uuid4()), tenant=tenant, user=user, plan_id=plan_id,
                            period_start=period_start, occurred_at=now)
 

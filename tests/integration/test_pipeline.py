@@ -11,10 +11,10 @@ import pytest
 
 from ledger.settings import Settings
 from projections.projector import Projector, connect
+from streams.topics import Topics, ensure_topics
 from tests.conftest import new_settings, wait_processed
 from tests.factories import T0, assigned, published, seed_plans, usage
 from tests.kafka_io import copy_usage_log, entries, gates, publish, publish_raw, read_partitions, rejections
-from streams.topics import Topics, ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -1,10 +1,10 @@
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from ledger.periods import add_months, period_bounds, session_expired
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def d(*args: int) -> datetime:

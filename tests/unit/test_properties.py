@@ -1,7 +1,6 @@
 """Property tests of the core against a deliberately simple oracle."""
 
 from datetime import timedelta
-from decimal import Decimal
 from fractions import Fraction
 
 import msgspec

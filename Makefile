@@ -31,10 +31,10 @@ test-unit: install
 	$(BIN)/pytest -q tests/unit
 
 bench: broker
-	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m tests.benchmarks.pipeline
 
 check: install
-	$(BIN)/ruff check ledger streams projections tests benchmarks
+	$(BIN)/ruff check ledger streams projections tests
 	$(BIN)/mypy
 
 down:

@@ -49,6 +49,10 @@ class LocalBroker:
     controller_port: int = 19093
     heap: str = "768m"
 
+    def __post_init__(self) -> None:
+        # Absolute: Maven resolves a relative output directory against the POM's folder.
+        object.__setattr__(self, "home", Path(self.home).resolve())
+
     @property
     def lib_dir(self) -> Path:
         return self.home / "lib"

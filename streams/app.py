@@ -88,16 +88,21 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
     @app.agent(usage, name="ledger-processor")
     async def process_usage(stream: faust.StreamT) -> None:
         last_log = time.monotonic()
+        state_sends: list[asyncio.Future[Any]] = []
         async for events in stream.take_events(BATCH_EVENTS_MAX, within=BATCH_WITHIN_S):
+            _raise_failed(state_sends)
             batch = processor.run(
                 Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
                 for e in events
             )
             # Outputs are durable before the state that says they happened: a
             # crash in between repeats them under the same ids, never loses them.
-            await _send_all(app, ((topic, key, value, None) for topic, key, value in batch.outputs))
-            await _send_all(app, ((changelog, encode(key), encode(value), partition_of(key))
-                                  for key, value in batch.writes.items()))
+            outputs = await _send(app, ((topic, key, value, None) for topic, key, value in batch.outputs))
+            await asyncio.gather(*outputs)
+            # The state need not be awaited here: Faust flushes the producer
+            # before it commits the offsets of these events.
+            state_sends = await _send(app, ((changelog, encode(key), encode(value), partition_of(key))
+                                            for key, value in batch.writes.items()))
             for key, value in batch.writes.items():
                 table.data[key] = value
             for what, n in batch.counts.items():
@@ -110,17 +115,23 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
     return app
 
 
-async def _send_all(app: faust.App, messages: Iterable[tuple[str, bytes | None, bytes, int | None]]) -> None:
-    """Send messages and wait until the broker has acknowledged every one.
+async def _send(app: faust.App, messages: Iterable[tuple[str, bytes | None, bytes, int | None]]
+                ) -> list[asyncio.Future[Any]]:
+    """Hand messages to the producer; the futures resolve when the broker has each.
 
     Table values are written to the changelog here rather than through
     ``table[key] = value``: Faust's send-soon buffer sends one message per
     event-loop turn and throttled the processor to a third of this rate.
     """
-    pending = [await app.producer.send(topic, key, value, partition, None, None)
-               for topic, key, value, partition in messages]
-    if pending:
-        await asyncio.gather(*pending)
+    return [await app.producer.send(topic, key, value, partition, None, None)
+            for topic, key, value, partition in messages]
+
+
+def _raise_failed(sends: list[asyncio.Future[Any]]) -> None:
+    """Crash the agent (and so the worker) if a state write failed: never run ahead of the changelog."""
+    for fut in sends:
+        if fut.done() and not fut.cancelled() and fut.exception() is not None:
+            raise RuntimeError("writing the account changelog failed") from fut.exception()
 
 
 def run_worker(settings: Settings, worker_id: str = "0", loglevel: str = "info") -> None:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import CoordinatorLoadInProgressError, GroupCoordinatorNotAvailableError, NotCoordinatorError
 
 from ledger.settings import Settings
 from streams.topics import Topics, partitions_of
 
 CATCH_UP_POLL_S = 0.5
+COORDINATOR_NOT_READY = (GroupCoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
 
 
 def processor_group(settings: Settings) -> str:
@@ -38,6 +40,9 @@ async def processor_lag(settings: Settings) -> int:
     await admin.start()
     try:
         committed = await admin.list_consumer_group_offsets(processor_group(settings))
+    except COORDINATOR_NOT_READY:
+        # A new broker creates its offsets topic on first use: until then nothing is committed.
+        committed = {}
     finally:
         await admin.close()
     return sum(max(0, end - (committed[tp].offset if tp in committed else 0)) for tp, end in ends.items())

@@ -254,5 +254,9 @@ def demo(timeout: float) -> None:
         click.echo(format_report(con, DEMO_TENANT))
 
 
+from ledger.cli.tiers import tiers  # noqa: E402
+
+cli.add_command(tiers)
+
 if __name__ == "__main__":
     cli()

@@ -14,6 +14,7 @@ A rejected, duplicate or conflicting command leaves the account untouched.
 from __future__ import annotations
 
 import enum
+import functools
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -167,13 +168,18 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
         return reject("before_subscription",
                       f"usage at {at.isoformat()} precedes the subscription start {account.anchor.isoformat()}")
     newest = history.newest
-    period_start, period_end = period_bounds(account.anchor, newest.period_interval, at)
+    if account.period_start is not None and account.period_end is not None and account.period_start <= at < account.period_end:
+        period_start, period_end = account.period_start, account.period_end
+    else:
+        period_start, period_end = period_bounds(account.anchor, newest.period_interval, at)
     late = account.period_start is not None and period_start < account.period_start
 
     session = account.sessions.get(command.session_id)
-    if session is None or session_expired(session.last_at, at, _timeout(history.versions[session.plan_version])):
+    new_session = session is None or session_expired(session.last_at, at, _timeout(history.versions[session.plan_version]))
+    if new_session:
         session = SessionState(session_id=command.session_id, started_at=at, last_at=at,
                                plan_version=newest.version)
+    assert session is not None
     plan = history.versions[session.plan_version]
     cost = price(plan, command.model, command.input_tokens, command.output_tokens, command.tools)
     if cost is None:
@@ -199,7 +205,8 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     session.spend = add(session.spend, cost)
     session.last_at = max(session.last_at, at)
     account.sessions[command.session_id] = session
-    _prune_sessions(account, at, history)
+    if new_session:  # only a new session grows the map, so only then is there anything to bound
+        _prune_sessions(account, at, history)
 
     gates = _crossings(account, session, plan, command)
     entry = _entry(account, command, session, plan, cost, period_start, period_end, late=False,
@@ -209,7 +216,12 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
 
 
 def _timeout(plan: Plan) -> timedelta:
-    return timedelta(minutes=float(plan.session_timeout_minutes))
+    return _minutes(plan.session_timeout_minutes)
+
+
+@functools.lru_cache(maxsize=256)
+def _minutes(minutes: Decimal) -> timedelta:
+    return timedelta(minutes=float(minutes))
 
 
 def _remember(account: Account, command: AnyCommand) -> None:
@@ -234,24 +246,26 @@ def _crossings(account: Account, session: SessionState, plan: Plan,
                command: UsageRecorded) -> tuple[GateEvent, ...]:
     """Gate events for every threshold this event crossed for the first time."""
     assert account.period_start is not None
-    period_scope = f"period:{account.period_start.isoformat()}"
     model_limit = plan.model_limits.get(command.model)
-    dimensions: list[tuple[str, str | None, Decimal, Decimal | None, list[str], str]] = [
-        ("period_spend", None, account.period_spend, plan.max_spend_per_period, account.crossed, period_scope),
-        ("session_spend", None, session.spend, plan.max_spend_per_session, session.crossed, session.scope),
+    dimensions: list[tuple[str, str | None, Decimal, Decimal | None, list[str], bool]] = [
+        ("period_spend", None, account.period_spend, plan.max_spend_per_period, account.crossed, False),
+        ("session_spend", None, session.spend, plan.max_spend_per_session, session.crossed, True),
         ("model_tokens", command.model, Decimal(account.period_tokens[command.model]),
-         Decimal(model_limit.max_tokens_per_period) if model_limit else None, account.crossed, period_scope),
+         Decimal(model_limit.max_tokens_per_period) if model_limit else None, account.crossed, False),
     ]
     gates = []
-    for dimension, model, used, limit, crossed, scope in dimensions:
+    for dimension, model, used, limit, crossed, per_session in dimensions:
         if not limit:  # None or 0: unlimited
             continue
         for kind, ratio in (("soft_warning", plan.soft_gate_at), ("hard_block", plan.hard_gate_at)):
             threshold = ratio * limit
+            if used < threshold:
+                continue
             key = f"{dimension}:{model or ''}:{kind}:{threshold}"
-            if used < threshold or key in crossed:
+            if key in crossed:
                 continue
             crossed.append(key)
+            scope = session.scope if per_session else f"period:{account.period_start.isoformat()}"
             gates.append(GateEvent(
                 gate_id=str(uuid.uuid5(GATE_NAMESPACE, f"{account.tenant}/{account.user}/{scope}/{key}")),
                 tenant=account.tenant, user=account.user, kind=kind, dimension=dimension,  # type: ignore[arg-type]

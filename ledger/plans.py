@@ -163,3 +163,29 @@ def plans_from_config(config: PlansConfig, tenant: str) -> list[Plan]:
         build_plan(spec, config, plan_id=plan_id_for(tenant, spec.name), version=1)
         for spec in config.plans
     ]
+
+
+class PlanPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A partial update: only the fields present change (``null`` clears a limit)."""
+
+    max_spend_per_period: NonNegative | None | msgspec.UnsetType = msgspec.UNSET
+    max_spend_per_session: NonNegative | None | msgspec.UnsetType = msgspec.UNSET
+    model_limits: dict[ModelName, ModelLimit] | msgspec.UnsetType = msgspec.UNSET
+    cost_rates: dict[ModelName, CostRate] | msgspec.UnsetType = msgspec.UNSET
+    default_cost_rate: CostRate | None | msgspec.UnsetType = msgspec.UNSET
+    tool_costs: dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], NonNegative] | msgspec.UnsetType = (
+        msgspec.UNSET)
+    soft_gate_at: Ratio | msgspec.UnsetType = msgspec.UNSET
+    hard_gate_at: Ratio | msgspec.UnsetType = msgspec.UNSET
+    session_timeout_minutes: Decimal | msgspec.UnsetType = msgspec.UNSET
+    markup: Decimal | msgspec.UnsetType = msgspec.UNSET
+    period_interval: Literal["month", "year"] | msgspec.UnsetType = msgspec.UNSET
+
+
+def revise(plan: Plan, patch: PlanPatch) -> Plan:
+    """The next version of ``plan``: its fields, overlaid with the patch, validated again."""
+    fields = {name: getattr(plan, name) for name in PlanSpec.__struct_fields__}
+    fields |= {name: value for name in PlanPatch.__struct_fields__
+               if (value := getattr(patch, name)) is not msgspec.UNSET}
+    spec = PlanSpec(**fields)
+    return build_plan(spec, PlansConfig(plans=[spec]), plan_id=plan.plan_id, version=plan.version + 1)

@@ -25,6 +25,8 @@ class Settings:
     partitions: int = 8
     store: str = "memory://"
     duckdb_path: Path | None = None
+    # None: a SQLite file in the home folder.
+    database_url: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,6 +52,7 @@ class Settings:
             partitions=partitions,
             store=env.get("LEDGER_STORE", "memory://"),
             duckdb_path=Path(duckdb) if duckdb else None,
+            database_url=env.get("LEDGER_DATABASE_URL") or None,
         )
 
     @property
@@ -59,6 +62,10 @@ class Settings:
     @property
     def history_path(self) -> Path:
         return self.duckdb_path or self.home / f"{self.namespace}.duckdb"
+
+    @property
+    def control_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home.resolve() / 'control.db'}"
 
     @property
     def logs_dir(self) -> Path:

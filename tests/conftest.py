@@ -122,3 +122,52 @@ def wait_processed(settings: Settings, worker: WorkerProcess | None = None, time
             tail = worker.log_tail() if worker else ""
             raise AssertionError(f"processor still {lag} behind after {timeout_s}s\n{tail}")
         time.sleep(0.5)
+
+
+# -- the control-plane store's databases ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database: LEDGER_TEST_DATABASE_URL, else one on a throwaway server started for this session."""
+    external = os.environ.get("LEDGER_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    from tests.pg import PostgresUnavailable, TempPostgres
+
+    try:
+        server = TempPostgres()
+        url = server.start()
+    except PostgresUnavailable as e:
+        unavailable = str(e)
+    else:
+        unavailable = ""
+    if unavailable:  # a failure, not a skip: CI installs the server, so its absence is a broken machine
+        pytest.fail(unavailable, pytrace=False)
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database per test: a SQLite file, or a new database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'control.db'}"
+        return
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from tests.pg import connect_kwargs
+
+    maintenance = request.getfixturevalue("postgres_url")
+    name = f"ledger_t{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(**connect_kwargs(maintenance), autocommit=True) as conn:  # type: ignore[arg-type]
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(maintenance).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(**connect_kwargs(maintenance), autocommit=True) as conn:  # type: ignore[arg-type]
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

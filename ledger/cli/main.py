@@ -139,6 +139,71 @@ def status() -> None:
     click.echo(f"projector lag: {asyncio.run(projector_lag(settings, settings.history_path))} records")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def api(host: str, port: int) -> None:
+    """Run the HTTP API (OpenAPI at /docs) in the foreground."""
+    import uvicorn
+
+    from ledger.api.app import create_api
+
+    uvicorn.run(create_api(_settings()), host=host, port=port, log_level="info", access_log=False)
+
+
+@cli.group()
+def tenants() -> None:
+    """Tenants of the control plane and their API keys."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--test", "test_key", is_flag=True, help="Issue a pg_test_ key instead of pg_live_.")
+def tenants_create(name: str, test_key: bool) -> None:
+    """Create a tenant and print its first key (all scopes). The key is shown once."""
+    from ledger.control.store import Conflict, ControlStore
+
+    store = ControlStore(_settings().control_url)
+    store.create_schema()
+    try:
+        with store.session() as session:
+            tenant_id, key = session.create_tenant(name, live=not test_key)
+    except Conflict as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"tenant {name}: {tenant_id}")
+    click.echo(f"key (shown once; store it now): {key}")
+
+
+@tenants.command("key")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(["admin", "ingest", "read"]))
+def tenants_key(name: str, scopes: tuple[str, ...]) -> None:
+    """Issue another key for tenant NAME with the given scopes."""
+    from ledger.control.keys import Scope
+    from ledger.control.store import ControlStore
+
+    store = ControlStore(_settings().control_url)
+    with store.session() as session:
+        tenant_id = session.tenant_id(name)
+        if tenant_id is None:
+            raise click.ClickException(f"no tenant {name!r}")
+        click.echo(session.create_key(tenant_id, frozenset(Scope(s) for s in scopes)))
+
+
+@tenants.command("revoke")
+@click.argument("name")
+@click.option("--key", prompt=True, hide_input=True, help="The key to revoke (prompted, so it stays out of shell history).")
+def tenants_revoke(name: str, key: str) -> None:
+    from ledger.control.store import ControlStore
+
+    store = ControlStore(_settings().control_url)
+    with store.session() as session:
+        tenant_id = session.tenant_id(name)
+        if tenant_id is None or not session.revoke_key(tenant_id, key):
+            raise click.ClickException("no such active key for that tenant")
+    click.echo("revoked")
+
+
 # -- data -------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ async def raw_consume_rate(settings: Settings, topic: str) -> tuple[int, float]:
     parts = (await partitions_of(settings.bootstrap, (topic,)))[topic]
     tps = [TopicPartition(topic, p) for p in parts]
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None, enable_auto_commit=False,
-                                max_partition_fetch_bytes=8 * 1024 * 1024)
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024)
     await consumer.start()
     try:
         consumer.assign(tps)

@@ -1,0 +1,61 @@
+"""The API factory: ``create_api(settings)`` builds an app; nothing is bound at import time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse as PlainJSONResponse
+
+from ledger.api import plans, users
+from ledger.api.wire import install_openapi
+from ledger.control.config import CommandLog
+from ledger.control.store import ControlStore
+from ledger.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_api(settings: Settings, *, store: ControlStore | None = None, command_log: CommandLog | None = None) -> FastAPI:
+    store = store or ControlStore(settings.control_url)
+    store.create_schema()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if command_log is not None:
+            app.state.log = command_log
+            yield
+            return
+        from streams.publisher import UsagePublisher
+        from streams.topics import ensure_topics
+
+        await ensure_topics(settings)
+        async with UsagePublisher(settings) as publisher:
+            app.state.log = publisher
+            yield
+
+    app = FastAPI(title="usage-ledger", version="1", lifespan=lifespan,
+                  description="Priced LLM usage, gate events and spend history per end user.")
+    app.state.store = store
+    app.state.settings = settings
+    for router in (plans.router, users.router):
+        app.include_router(router, prefix="/api/v1")
+    install_openapi(app)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> PlainJSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return PlainJSONResponse({"detail": f"{where}: {first.get('msg', 'invalid request')}"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> PlainJSONResponse:
+        # No stack traces in responses; the log has it.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return PlainJSONResponse({"detail": "internal error"}, status_code=500)
+
+    _ = HTTPException  # FastAPI's own handler renders these as {"detail": message}
+    return app

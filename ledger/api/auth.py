@@ -1,0 +1,37 @@
+"""Bearer API keys: the tenant comes from the key, never from the path or the body."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ledger.control.keys import Scope
+from ledger.control.store import ControlStore, Principal
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer pg_live_...`")
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+    if credentials is None:
+        raise _unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    store: ControlStore = request.app.state.store
+    with store.session() as session:
+        found = session.authenticate(credentials.credentials)
+    if found is None:
+        raise _unauthorized("unknown or revoked API key")
+    return found
+
+
+def require(*scopes: Scope) -> Callable[[Principal], Principal]:
+    """A dependency that admits a key holding any of ``scopes``."""
+    def check(who: Principal = Depends(principal)) -> Principal:
+        if not who.scopes & set(scopes):
+            raise HTTPException(403, f"this key lacks the {' or '.join(s.value for s in scopes)} scope")
+        return who
+    return check

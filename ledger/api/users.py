@@ -1,0 +1,84 @@
+"""End users: creation, subscriptions (a plan and a period start). Assignments go to the log."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from ledger.api.auth import require
+from ledger.api.wire import JSONResponse, body_schema, decode, read_body
+from ledger.control.keys import Scope
+from ledger.control.store import Conflict, ControlSession, Principal, User
+from ledger.events import Name, PlanAssigned
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+
+class NewUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    external_id: Annotated[Name, msgspec.Meta(description="Your id for the end user; usage events carry it as `user`.")]
+    plan_id: str | None = None
+    period_start: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+
+
+class Subscription(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    plan_id: str
+    period_start: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+
+
+def user_document(user: User) -> dict[str, Any]:
+    return {"id": user.id, "external_id": user.external_id, "plan_id": user.plan_id,
+            "period_start": user.period_start.isoformat() if user.period_start else None,
+            "created_at": user.created_at.isoformat()}
+
+
+async def _subscribe(request: Request, session: ControlSession, who: Principal, user: User, plan_id: str,
+                     period_start: datetime | None) -> User:
+    if session.plan(who.tenant_id, plan_id) is None:
+        raise HTTPException(422, f"plan_id: no plan {plan_id} for this tenant")
+    now = datetime.now(UTC)
+    start = (period_start or now).astimezone(UTC)
+    updated = session.set_subscription(who.tenant_id, user.id, plan_id, start)
+    await request.app.state.log.publish([PlanAssigned(
+        event_id=str(uuid.uuid4()), tenant=who.tenant_id, user=user.external_id, plan_id=plan_id,
+        period_start=start, occurred_at=now)])
+    return updated
+
+
+@router.post("", openapi_extra=body_schema(NewUser), response_class=JSONResponse, status_code=201,
+             summary="Register an end user (optionally on a plan); an existing external id answers 409")
+async def create_user(request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
+    body = decode(await read_body(request), NewUser)
+    with request.app.state.store.session() as session:
+        try:
+            user = session.create_user(who.tenant_id, body.external_id)
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        if body.plan_id is not None:
+            user = await _subscribe(request, session, who, user, body.plan_id, body.period_start)
+    return JSONResponse(user_document(user), status_code=201)
+
+
+@router.get("/{user_id}", response_class=JSONResponse, summary="One end user")
+def get_user(user_id: str, request: Request, who: Principal = Depends(require(Scope.admin, Scope.read))
+             ) -> JSONResponse:
+    with request.app.state.store.session() as session:
+        user = session.user(who.tenant_id, user_id)
+    if user is None:
+        raise HTTPException(404, f"no user {user_id}")
+    return JSONResponse(user_document(user))
+
+
+@router.post("/{user_id}/subscription", openapi_extra=body_schema(Subscription), response_class=JSONResponse,
+             summary="Put the user on a plan from period_start; mid-period this is an upgrade or downgrade")
+async def subscribe(user_id: str, request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
+    body = decode(await read_body(request), Subscription)
+    with request.app.state.store.session() as session:
+        user = session.user(who.tenant_id, user_id)
+        if user is None:
+            raise HTTPException(404, f"no user {user_id}")
+        user = await _subscribe(request, session, who, user, body.plan_id, body.period_start)
+    return JSONResponse(user_document(user))

@@ -1,0 +1,72 @@
+"""Request decoding and response encoding with msgspec, so money stays exact.
+
+Bodies are decoded straight into the core's types (decimals from the JSON
+text, never through a float); responses write decimals as JSON numbers, as
+the plans guide shows them. The OpenAPI document gets each body's JSON Schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response
+
+T = TypeVar("T")
+BODY_BYTES_MAX = 1024 * 1024
+
+_encoder = msgspec.json.Encoder(decimal_format="number")
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _encoder.encode(content)
+
+
+async def read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > BODY_BYTES_MAX:
+        raise HTTPException(413, f"request body is larger than {BODY_BYTES_MAX} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > BODY_BYTES_MAX:
+            raise HTTPException(413, f"request body is larger than {BODY_BYTES_MAX} bytes")
+    return body
+
+
+def decode(body: bytes, kind: type[T]) -> T:
+    """Decode a JSON body; a 422 names the offending field."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise HTTPException(422, f"body is not valid JSON: {exc}") from None
+
+
+_components: dict[str, Any] = {}
+
+
+def body_schema(kind: Any, *, content_type: str = "application/json") -> dict[str, Any]:
+    """``openapi_extra`` documenting a body that the route reads and decodes itself."""
+    (schema,), components = msgspec.json.schema_components([kind], ref_template="#/components/schemas/{name}")
+    _components.update(components)
+    return {"requestBody": {"required": True, "content": {content_type: {"schema": schema}}}}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Add the msgspec body schemas to the app's OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(_components)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

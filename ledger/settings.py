@@ -27,6 +27,9 @@ class Settings:
     duckdb_path: Path | None = None
     # None: a SQLite file in the home folder.
     database_url: str | None = None
+    # A JSON file of provider prices that win over the shipped catalog.
+    price_overrides: Path | None = None
+    api_port: int = 18000
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -40,10 +43,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        try:
-            partitions = int(env.get("LEDGER_PARTITIONS", "8"))
-        except ValueError:
-            raise SettingsError("LEDGER_PARTITIONS must be an integer") from None
+        partitions = _int(env, "LEDGER_PARTITIONS", 8)
         duckdb = env.get("LEDGER_DUCKDB")
         return cls(
             home=Path(env.get("LEDGER_HOME", ".ledger")),
@@ -53,7 +53,13 @@ class Settings:
             store=env.get("LEDGER_STORE", "memory://"),
             duckdb_path=Path(duckdb) if duckdb else None,
             database_url=env.get("LEDGER_DATABASE_URL") or None,
+            price_overrides=Path(env["LEDGER_PRICE_OVERRIDES"]) if env.get("LEDGER_PRICE_OVERRIDES") else None,
+            api_port=_int(env, "LEDGER_API_PORT", 18000),
         )
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     @property
     def bootstrap(self) -> str:
@@ -70,3 +76,10 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return int(env.get(name, str(default)))
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer") from None

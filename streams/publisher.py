@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaProducer
 from ledger.events import AnyCommand, PlanPublished, user_key
 from ledger.settings import Settings
 from streams.codecs import encode
-from streams.topics import Topics
+from streams.topics import Topics, ensure_topics
 
 PLANS_KEY = b"~plans"
 
@@ -18,6 +18,7 @@ class UsagePublisher:
     """An idempotent aiokafka producer for the usage log (acks from all replicas)."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.topics = Topics.for_namespace(settings.namespace)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True,
@@ -26,8 +27,13 @@ class UsagePublisher:
         self._partitions: list[int] = []
 
     async def __aenter__(self) -> UsagePublisher:
+        await ensure_topics(self.settings)
         await self._producer.start()
-        self._partitions = sorted(await self._producer.partitions_for(self.topics.usage))
+        try:
+            self._partitions = sorted(await self._producer.partitions_for(self.topics.usage))
+        except BaseException:
+            await self._producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

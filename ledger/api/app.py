@@ -10,8 +10,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
-from ledger.api import plans, users
+from ledger.api import plans, tiers, users
 from ledger.api.wire import install_openapi
+from ledger.catalog import load_catalog
 from ledger.control.config import CommandLog
 from ledger.control.store import ControlStore
 from ledger.settings import Settings
@@ -41,7 +42,8 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
                   description="Priced LLM usage, gate events and spend history per end user.")
     app.state.store = store
     app.state.settings = settings
-    for router in (plans.router, users.router):
+    app.state.catalog = load_catalog(overrides=settings.price_overrides)
+    for router in (plans.router, tiers.router, users.router):
         app.include_router(router, prefix="/api/v1")
     install_openapi(app)
 

@@ -10,10 +10,9 @@ import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ledger.events import AnyCommand, PlanAssigned, PlanPublished, UsageRecorded
-from ledger.plans import Plan, parse_plans_config, plans_from_config
+from ledger.events import UsageRecorded
 
-DEMO_TENANT = "demo"
+DEMO_TENANT = "demo"  # the tenant's name in the control plane
 DEMO_START = datetime(2026, 11, 1, tzinfo=UTC)
 PLANS_FILE = Path(__file__).resolve().parents[2] / "examples" / "plans.json"
 
@@ -32,23 +31,9 @@ USERS: dict[str, tuple[str, list[tuple[str, int, int, int]]]] = {
 }
 
 
-def demo_plans(tenant: str = DEMO_TENANT) -> list[Plan]:
-    return plans_from_config(parse_plans_config(PLANS_FILE.read_bytes()), tenant)
-
-
-def demo_commands(tenant: str = DEMO_TENANT) -> list[AnyCommand]:
-    """Plans, assignments, then interleaved usage (and three calls a plan refuses)."""
+def demo_usage(tenant: str) -> list[UsageRecorded]:
+    """Interleaved usage of every demo user (and three calls a plan refuses)."""
     rng = random.Random(20261101)
-    plans = {plan.name: plan for plan in demo_plans(tenant)}
-    commands: list[AnyCommand] = [
-        PlanPublished(event_id=f"plan-{p.name}-v{p.version}", tenant=tenant, occurred_at=DEMO_START, plan=p)
-        for p in plans.values()
-    ]
-    commands += [
-        PlanAssigned(event_id=f"assign-{user}", tenant=tenant, user=user, plan_id=plans[plan].plan_id,
-                     period_start=DEMO_START, occurred_at=DEMO_START)
-        for user, (plan, _) in USERS.items()
-    ]
     calls: list[UsageRecorded] = []
     for user, (_, mix) in USERS.items():
         t = DEMO_START + timedelta(hours=rng.randint(1, 48))
@@ -69,4 +54,36 @@ def demo_commands(tenant: str = DEMO_TENANT) -> list[AnyCommand]:
             output_tokens=500, session_id=f"{user}-chat-1", occurred_at=DEMO_START + timedelta(days=3),
         ))
     calls.sort(key=lambda c: (c.occurred_at, c.event_id))
-    return commands + calls
+    return calls
+
+
+def bad_records(tenant: str) -> list[tuple[bytes, bytes]]:
+    """Two records no producer should send: not JSON, and a negative token count."""
+    key = f"{tenant}/mallory".encode()
+    return [(key, b"{not json"),
+            (key, b'{"type":"usage","event_id":"neg-1","tenant":"%s","user":"mallory","model":"gpt-4o-mini",'
+                  b'"input_tokens":-5,"output_tokens":10,"occurred_at":"2026-11-02T00:00:00Z"}' % tenant.encode())]
+
+
+class DemoApi:
+    """The demo's operator: configures plans and users through the HTTP API, as a customer would."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=f"{base_url}/api/v1", headers={"Authorization": f"Bearer {key}"},
+                                 timeout=30)
+
+    def configure(self) -> dict[str, str]:
+        """POST the plans guide's plans.json verbatim, then register every user on their plan."""
+        answer = self.http.post("/config/plans", content=PLANS_FILE.read_bytes(),
+                                headers={"Content-Type": "application/json"})
+        answer.raise_for_status()
+        body = answer.json()
+        plan_ids = {p["name"]: p["id"] for p in body["plans"]} | {d["name"]: d["id"] for d in body["duplicates"]}
+        for user, (plan, _) in USERS.items():
+            created = self.http.post("/users", json={"external_id": user, "plan_id": plan_ids[plan],
+                                                     "period_start": DEMO_START.isoformat()})
+            if created.status_code != 409:  # 409: registered by an earlier run
+                created.raise_for_status()
+        return plan_ids

@@ -11,6 +11,8 @@ import click
 
 from ledger.settings import Settings
 
+API_START_TIMEOUT_S = 60.0
+
 
 def _settings() -> Settings:
     return Settings.from_env()
@@ -107,6 +109,9 @@ def up(workers: int) -> None:
     for i in range(workers):
         stack.start(settings, f"worker-{i}", ["worker", "--worker-id", str(i)])
     stack.start(settings, "projector", ["projector"])
+    stack.start(settings, "api", ["api", "--port", str(settings.api_port)])
+    stack.wait_for_http(f"{settings.api_url}/docs", API_START_TIMEOUT_S)
+    click.echo(f"API ready at {settings.api_url} (OpenAPI at {settings.api_url}/docs)")
     for name, pid in stack.running(settings).items():
         click.echo(f"{name:<12} pid {pid}  log {settings.logs_dir / (name + '.log')}")
 
@@ -141,14 +146,15 @@ def status() -> None:
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
-def api(host: str, port: int) -> None:
+@click.option("--port", default=None, type=int, help="Default: LEDGER_API_PORT (18000).")
+def api(host: str, port: int | None) -> None:
     """Run the HTTP API (OpenAPI at /docs) in the foreground."""
     import uvicorn
 
     from ledger.api.app import create_api
 
-    uvicorn.run(create_api(_settings()), host=host, port=port, log_level="info", access_log=False)
+    settings = _settings()
+    uvicorn.run(create_api(settings), host=host, port=port or settings.api_port, log_level="info", access_log=False)
 
 
 @cli.group()
@@ -263,23 +269,26 @@ def assign(user: str, plan_id: str, tenant: str, start: datetime | None) -> None
 
 
 @cli.command()
-@click.option("--tenant", default="demo", show_default=True)
+@click.option("--tenant", default="demo", show_default=True, help="A tenant's name or id.")
 def report(tenant: str) -> None:
     """Per-user spend and gate events from the history file."""
+    from ledger.control.store import ControlStore
     from projections.projector import connect
 
     settings = _settings()
+    with ControlStore(settings.control_url).session() as session:
+        tenant_id = session.tenant_id(tenant) or tenant
     with connect(settings.history_path, read_only=True) as con:
-        click.echo(format_report(con, tenant))
+        click.echo(format_report(con, tenant_id, tenant))
 
 
-def format_report(con, tenant: str) -> str:  # type: ignore[no-untyped-def]
+def format_report(con, tenant: str, label: str | None = None) -> str:  # type: ignore[no-untyped-def]
     from ledger.money import format_usd
     from projections.reports import rejections_by_code, render_table, user_spend
 
     rows = [[r.user, r.plan, str(r.calls), f"{r.input_tokens + r.output_tokens:,}", format_usd(r.spend),
              r.soft_warnings or "-", r.hard_blocks or "-"] for r in user_spend(con, tenant)]
-    out = [f"Spend per user, tenant {tenant!r}", "",
+    out = [f"Spend per user, tenant {label or tenant!r}", "",
            render_table(["user", "plan", "calls", "tokens", "spend", "soft warnings", "hard blocks"], rows)]
     rejected = rejections_by_code(con, tenant)
     if rejected:
@@ -291,32 +300,55 @@ def format_report(con, tenant: str) -> str:  # type: ignore[no-untyped-def]
 @cli.command()
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for processing.")
 def demo(timeout: float) -> None:
-    """Publish the demo workload, wait until it is processed, print the report."""
-    from ledger.cli.demo import DEMO_TENANT, demo_commands
+    """Configure plans and users through the API, publish usage, wait until processed, print the report."""
+    from ledger.cli.demo import DEMO_TENANT, DemoApi, bad_records, demo_usage
     from projections.projector import connect
     from streams.progress import wait_caught_up
     from streams.publisher import UsagePublisher
-    from streams.topics import ensure_topics
 
     settings = _settings()
-    commands = demo_commands()
+    tenant_id, key = _demo_tenant(settings, DEMO_TENANT)
+    plan_ids = DemoApi(settings.api_url, key).configure()
+    click.echo(f"tenant {DEMO_TENANT!r} ({tenant_id}); plans via the API: "
+               + ", ".join(f"{name} {pid}" for name, pid in sorted(plan_ids.items())))
+    usage = demo_usage(tenant_id)
 
     async def go() -> int:
-        await ensure_topics(settings)
         async with UsagePublisher(settings) as publisher:
-            sent = await publisher.publish(commands)
-            await publisher.publish_raw(b"demo/mallory", b"{not json")
-            await publisher.publish_raw(
-                b"demo/mallory",
-                b'{"type":"usage","event_id":"neg-1","tenant":"demo","user":"mallory","model":"gpt-4o-mini",'
-                b'"input_tokens":-5,"output_tokens":10,"occurred_at":"2026-11-02T00:00:00Z"}')
+            sent = await publisher.publish(usage)
+            for record_key, value in bad_records(tenant_id):
+                await publisher.publish_raw(record_key, value)
         await wait_caught_up(settings, settings.history_path, timeout)
         return sent + 2
 
     sent = asyncio.run(go())
-    click.echo(f"published {sent} records; processed and projected into {settings.history_path}\n")
+    click.echo(f"published {sent} usage records; processed and projected into {settings.history_path}\n")
     with connect(settings.history_path, read_only=True) as con:
-        click.echo(format_report(con, DEMO_TENANT))
+        click.echo(format_report(con, tenant_id, DEMO_TENANT))
+
+
+def _demo_tenant(settings: Settings, name: str) -> tuple[str, str]:
+    """The demo tenant and an admin key, kept in <home>/demo.key (mode 600) between runs."""
+    from ledger.control.keys import ALL_SCOPES
+    from ledger.control.store import ControlStore
+
+    key_file = settings.home / "demo.key"
+    store = ControlStore(settings.control_url)
+    store.create_schema()
+    with store.session() as session:
+        if key_file.exists():
+            found = session.authenticate(key_file.read_text().strip())
+            if found is not None:
+                return found.tenant_id, key_file.read_text().strip()
+        tenant_id = session.tenant_id(name)
+        if tenant_id is None:
+            tenant_id, key = session.create_tenant(name)
+        else:
+            key = session.create_key(tenant_id, ALL_SCOPES, label="demo")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(key)
+    return tenant_id, key
 
 
 from ledger.cli.tiers import tiers  # noqa: E402

@@ -75,3 +75,18 @@ def stop(settings: Settings, name: str) -> bool:
         os.kill(pid, signal.SIGKILL)
     (_run_dir(settings) / f"{name}.pid").unlink(missing_ok=True)
     return True
+
+
+def wait_for_http(url: str, timeout_s: float) -> None:
+    """Wait until ``url`` answers (any status below 500)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")

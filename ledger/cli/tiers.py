@@ -137,3 +137,43 @@ def _tier_lines(tier: Tier) -> list[str]:
         why = "paygo: customers top up a balance" if tier.billing_mode == "paygo" else "unlimited budget"
         return [*lines, f"  margin  none fixed ({why}; cost varies with usage)"]
     return lines + [f"  {line}" for line in _margin_lines(margin(tier))]
+
+
+@tiers.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tenant", required=True, help="The tenant's name (see `ledger tenants create`).")
+def apply_command(file: Path, tenant: str) -> None:
+    """Create the tiers of a YAML FILE for TENANT (each with its plan, published to the log)."""
+    import asyncio
+
+    from ledger.catalog import load_catalog
+    from ledger.control.config import create_tiers
+    from ledger.control.store import ControlStore
+    from ledger.settings import Settings
+    from streams.publisher import UsagePublisher
+
+    try:
+        parsed = parse_tiers_yaml(file.read_text(encoding="utf-8"))
+    except TierError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = Settings.from_env()
+    store = ControlStore(settings.control_url)
+    store.create_schema()
+
+    async def go() -> tuple[list, list]:  # type: ignore[type-arg]
+        async with UsagePublisher(settings) as publisher:
+            with store.session() as session:
+                tenant_id = session.tenant_id(tenant)
+                if tenant_id is None:
+                    raise click.ClickException(f"no tenant {tenant!r}")
+                return await create_tiers(session, publisher, tenant_id, parsed,
+                                          load_catalog(overrides=settings.price_overrides))
+
+    try:
+        created, duplicates = asyncio.run(go())
+    except (TierError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for record in created:
+        click.echo(f"created {record.tier.tier_code}: tier {record.id}, plan {record.plan_id}")
+    for record in duplicates:
+        click.echo(f"exists  {record.tier.tier_code}: tier {record.id} (unchanged)")

@@ -141,7 +141,7 @@ def test_kafka_is_kraft_and_keeps_the_log_forever(config: dict[str, Any]) -> Non
 
 
 def test_app_settings_are_the_ones_the_project_reads(config: dict[str, Any]) -> None:
-    read = set(re.findall(r'env\.get\("([A-Z_]+)"', (ROOT / "ledger" / "settings.py").read_text()))
+    read = set(re.findall(r'"((?:LEDGER|KAFKA)_[A-Z_]+)"', (ROOT / "ledger" / "settings.py").read_text()))
     assert "KAFKA_BOOTSTRAP_SERVERS" in read
     for name in APP_SERVICES:
         env = {k: str(v) for k, v in config["services"][name]["environment"].items()}

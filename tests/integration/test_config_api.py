@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -27,9 +28,10 @@ class Tenant:
     def __init__(self, client: TestClient, tenant_id: str, key: str) -> None:
         self.client, self.id, self.key = client, tenant_id, key
 
-    def call(self, method: str, path: str, key: str | None = "default", **kwargs):  # type: ignore[no-untyped-def]
-        headers = {} if key is None else {"Authorization": f"Bearer {self.key if key == 'default' else key}"}
-        return self.client.request(method, f"/api/v1{path}", headers=headers, **kwargs)
+    def call(self, method: str, path: str, key: str | None = "default", headers: dict[str, str] | None = None,
+             **kwargs):  # type: ignore[no-untyped-def]
+        auth = {} if key is None else {"Authorization": f"Bearer {self.key if key == 'default' else key}"}
+        return self.client.request(method, f"/api/v1{path}", headers={**auth, **(headers or {})}, **kwargs)
 
 
 @pytest.fixture
@@ -155,3 +157,36 @@ def test_patch_makes_a_new_version_that_only_new_sessions_use(api, settings, wor
     raised = sorted((g.user, g.kind, int(g.limit), g.plan_version) for g in gates(settings))
     assert raised == [("new", "hard_block", 75000, 2), ("new", "soft_warning", 75000, 2),
                       ("old", "hard_block", 50000, 1), ("old", "soft_warning", 50000, 1)]
+
+
+YAML = {"Content-Type": "application/yaml"}
+TIERS_YAML = (Path(__file__).resolve().parents[2] / "examples" / "tiers.yaml").read_bytes()
+
+
+def test_the_tiers_guide_five_tiers_load_with_the_guide_margins(api):
+    acme = new_tenant(api, "acme")
+    created = acme.call("POST", "/config/tiers", content=TIERS_YAML, headers=YAML)
+    assert created.status_code == 201, created.text
+    by_code = {t["tier_code"]: t for t in acme.call("GET", "/config/tiers").json()["tiers"]}
+    assert set(by_code) == {"starter", "pro", "business", "free", "paygo"}
+    margins = {code: (t["margin"]["profit_usd"], t["margin"]["margin_pct"]) if t["margin"] else None
+               for code, t in by_code.items()}
+    assert margins == {"starter": (13.32, 46), "pro": (36.30, 37), "business": (90.00, 30),
+                       "free": (-5.23, None), "paygo": None}
+    assert by_code["free"]["margin"]["cost_usd"] == 5.23
+    # Each tier is a plan: its budget the period limit, its models the only ones priced (catalog rate x 1.045).
+    plan = acme.call("GET", f"/config/plans/{by_code['starter']['plan_id']}").json()
+    assert plan["max_spend_per_period"] == 15 and plan["markup"] == 1.045 and set(plan["cost_rates"]) == {"claude-sonnet-4-5"}
+    again = acme.call("POST", "/config/tiers", content=TIERS_YAML, headers=YAML)
+    assert again.status_code == 200 and len(again.json()["duplicates"]) == 5
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'tier_code: x\ndisplay_name: X\nbilling_mode: credit\nmodels: [gpt-4o]\n', "billing_mode"),
+    (b'tier_code: x\ndisplay_name: X\nspend_limit_cents: -1\nmodels: [gpt-4o]\n', "spend_limit_cents"),
+    (b'tier_code: x\ndisplay_name: X\nmodels: [no-such-model-9]\n', "no-such-model-9"),
+])
+def test_invalid_tiers_answer_422_naming_the_field(api, body, field):
+    acme = new_tenant(api, "acme")
+    response = acme.call("POST", "/config/tiers", content=body, headers=YAML)
+    assert response.status_code == 422 and field in response.json()["detail"], response.text

@@ -24,21 +24,31 @@ import msgspec
 
 from ledger.events import (
     AnyCommand,
+    CheckAnswer,
+    CheckRequested,
+    ClockTicked,
     GateEvent,
     LedgerEntry,
     PlanAssigned,
     PlanPublished,
+    ToppedUp,
     UsageRecorded,
+    UserCommand,
     payload_digest,
 )
-from ledger.money import ZERO, add
-from ledger.periods import period_bounds, session_expired
+from ledger.money import ZERO, add, money
+from ledger.periods import billing_period, session_expired
 from ledger.plans import Plan
 from ledger.pricing import price
 
 DEDUP_WINDOW_EVENTS_PER_USER = 1000
 OPEN_SESSIONS_PER_USER_MAX = 256
+RESERVATIONS_PER_USER_MAX = 1000
+TOPUP_AMOUNT_MAX = Decimal(1_000_000)
 GATE_NAMESPACE = uuid.UUID("0c7f3f2e-4b1d-5f0a-9a6e-7d2b9e51c3a4")
+# Blocks on these dimensions last for the period; a new period lifts them.
+PERIOD_DIMENSIONS = frozenset({"period_spend", "model_tokens"})
+BALANCE = "balance:"  # the block key and crossing-key prefix of the prepaid balance
 
 
 class Result(enum.Enum):
@@ -75,6 +85,29 @@ class SessionState(msgspec.Struct, kw_only=True):
         return f"session:{self.session_id}@{self.started_at.isoformat()}"
 
 
+class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+    """An admitted call's estimate, held until its usage settles it or it expires (event time)."""
+
+    reservation_id: str
+    session_id: str
+    model: str
+    cost: Decimal
+    tokens: int
+    expires_at: datetime
+
+
+class Block(msgspec.Struct, frozen=True, kw_only=True):
+    """A hard block in force, remembered so that lifting it can be announced once."""
+
+    dimension: str
+    model: str | None
+    scope: str
+    threshold: Decimal
+    limit: Decimal
+    plan_id: str
+    plan_version: int
+
+
 class Account(msgspec.Struct, kw_only=True, tag="account"):
     tenant: str
     user: str
@@ -89,6 +122,11 @@ class Account(msgspec.Struct, kw_only=True, tag="account"):
     seq: int = 0
     # event_id -> payload digest, oldest first, at most DEDUP_WINDOW_EVENTS_PER_USER.
     seen: dict[str, str] = {}
+    # Pay-as-you-go: the prepaid balance, and how many top-ups opened a new balance scope.
+    balance: Decimal = ZERO
+    topups: int = 0
+    blocks: dict[str, Block] = {}
+    reservations: dict[str, Reservation] = {}
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,6 +135,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     plan_history: PlanHistory | None = None
     entry: LedgerEntry | None = None
     gates: tuple[GateEvent, ...] = ()
+    reply: CheckAnswer | None = None
     code: str = ""
     reason: str = ""
 
@@ -109,9 +148,11 @@ def reject(code: str, reason: str) -> Decision:
 
 
 def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> Decision:
-    """Apply one command from a user's partition (or a broadcast plan version)."""
+    """Apply one command from a user's partition (or a broadcast plan version or clock tick)."""
     if isinstance(command, PlanPublished):
         return _publish_plan(plans(command.tenant, command.plan.plan_id), command)
+    if isinstance(command, ClockTicked):
+        return _tick(account, command, plans)
     if account is not None:
         seen = account.seen.get(command.event_id)
         if seen is not None:
@@ -123,6 +164,12 @@ def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> D
                                    "with a different payload; this one is not applied")
     if isinstance(command, PlanAssigned):
         return _assign_plan(account, command, plans)
+    if isinstance(command, ToppedUp):
+        return _top_up(account, command, plans)
+    if isinstance(command, CheckRequested):
+        from ledger.admission import check
+
+        return check(account, command, plans)
     return _record_usage(account, command, plans)
 
 
@@ -143,7 +190,8 @@ def _publish_plan(history: PlanHistory | None, command: PlanPublished) -> Decisi
 
 
 def _assign_plan(account: Account | None, command: PlanAssigned, plans: PlanLookup) -> Decision:
-    if plans(command.tenant, command.plan_id) is None:
+    history = plans(command.tenant, command.plan_id)
+    if history is None:
         return reject("unknown_plan", f"plan {command.plan_id} is not published for tenant {command.tenant}")
     account = account or Account(tenant=command.tenant, user=command.user)
     if account.plan_id != command.plan_id:
@@ -154,7 +202,40 @@ def _assign_plan(account: Account | None, command: PlanAssigned, plans: PlanLook
     account.plan_id = command.plan_id
     account.anchor = command.period_start
     _remember(account, command)
-    return Decision(result=Result.ok, account=account)
+    # An upgrade may lift a limit the user is blocked on.
+    gates = _lift_blocks(account, history.newest, command, lambda block: _still_blocked(account, history.newest, block))
+    return Decision(result=Result.ok, account=account, gates=gates)
+
+
+def _top_up(account: Account | None, command: ToppedUp, plans: PlanLookup) -> Decision:
+    if account is None or account.plan_id is None:
+        return reject("no_plan", f"user {command.user} has no plan: assign one before topping up")
+    if not command.amount.is_finite() or not ZERO < command.amount <= TOPUP_AMOUNT_MAX:
+        return reject("invalid_amount", f"amount must be above 0 and at most {TOPUP_AMOUNT_MAX}, got {command.amount}")
+    history = plans(command.tenant, account.plan_id)
+    assert history is not None
+    account.balance = add(account.balance, money(command.amount))
+    _remember(account, command)
+    gates = _lift_blocks(account, history.newest, command,
+                         lambda block: block.dimension != "balance" or account.balance <= ZERO)
+    if BALANCE not in account.blocks:
+        account.topups += 1  # a new balance scope: the next time it runs out is a new crossing
+        account.crossed = [key for key in account.crossed if not key.startswith(BALANCE)]
+    return Decision(result=Result.ok, account=account, gates=gates)
+
+
+def _tick(account: Account | None, command: ClockTicked, plans: PlanLookup) -> Decision:
+    """Time passed: a period that ended lifts its blocks; expired reservations are released."""
+    if account is None or account.plan_id is None or account.anchor is None:
+        return Decision(result=Result.ok)
+    history = plans(account.tenant, account.plan_id)
+    assert history is not None
+    at = command.occurred_at
+    expired = _expire_reservations(account, at)
+    if account.period_end is None or at < account.period_end:
+        # Most ticks change nothing: say so, and the processor stores nothing.
+        return Decision(result=Result.ok, account=account if expired else None)
+    return Decision(result=Result.ok, account=account, gates=_roll_period(account, history.newest, at, command.event_id))
 
 
 def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLookup) -> Decision:
@@ -168,10 +249,7 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
         return reject("before_subscription",
                       f"usage at {at.isoformat()} precedes the subscription start {account.anchor.isoformat()}")
     newest = history.newest
-    if account.period_start is not None and account.period_end is not None and account.period_start <= at < account.period_end:
-        period_start, period_end = account.period_start, account.period_end
-    else:
-        period_start, period_end = period_bounds(account.anchor, newest.period_interval, at)
+    period_start, period_end = current_period(account, newest, at)
     late = account.period_start is not None and period_start < account.period_start
 
     session = account.sessions.get(command.session_id)
@@ -190,16 +268,21 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     tokens = command.input_tokens + command.output_tokens
     account.seq += 1
     _remember(account, command)
+    if command.reservation_id is not None:
+        account.reservations.pop(command.reservation_id, None)
+    _expire_reservations(account, at)
+    if plan.billing_mode == "paygo":
+        account.balance = add(account.balance, -cost)
     if late:
         # A closed period's live totals are final; the entry still carries its
         # own period so history counts it there.
         entry = _entry(account, command, session, plan, cost, period_start, period_end, late=True,
                        period_spend=None, session_spend=None, model_tokens=None)
-        return Decision(result=Result.ok, account=account, entry=entry)
+        return Decision(result=Result.ok, account=account, entry=entry, gates=tuple(_balance_gates(account, plan, command)))
 
+    gates: list[GateEvent] = []
     if account.period_start != period_start:
-        account.period_start, account.period_end = period_start, period_end
-        account.period_spend, account.period_tokens, account.crossed = ZERO, {}, []
+        gates += _roll_period(account, newest, at, command.event_id)
     account.period_spend = add(account.period_spend, cost)
     account.period_tokens[command.model] = account.period_tokens.get(command.model, 0) + tokens
     session.spend = add(session.spend, cost)
@@ -208,11 +291,87 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     if new_session:  # only a new session grows the map, so only then is there anything to bound
         _prune_sessions(account, at, history)
 
-    gates = _crossings(account, session, plan, command)
+    gates += _crossings(account, session, plan, command)
+    gates += _balance_gates(account, plan, command)
     entry = _entry(account, command, session, plan, cost, period_start, period_end, late=False,
                    period_spend=account.period_spend, session_spend=session.spend,
                    model_tokens=account.period_tokens[command.model])
-    return Decision(result=Result.ok, account=account, entry=entry, gates=gates)
+    return Decision(result=Result.ok, account=account, entry=entry, gates=tuple(gates))
+
+
+def current_period(account: Account, plan: Plan, at: datetime) -> tuple[datetime, datetime]:
+    """The billing period containing ``at`` (the account's own when it contains it)."""
+    assert account.anchor is not None
+    if account.period_start is not None and account.period_end is not None and account.period_start <= at < account.period_end:
+        return account.period_start, account.period_end
+    return billing_period(account.anchor, plan.period_interval, plan.trial_days, at)
+
+
+def _roll_period(account: Account, plan: Plan, at: datetime, cause_event_id: str) -> tuple[GateEvent, ...]:
+    """Enter the period containing ``at``: spend and tokens reset, period blocks are lifted."""
+    was_set = account.period_start is not None
+    account.period_start, account.period_end = current_period(account, plan, at)
+    account.period_spend, account.period_tokens, account.crossed = ZERO, {}, [
+        key for key in account.crossed if key.startswith(BALANCE)]
+    if not was_set:
+        return ()
+    return _lift_blocks(account, plan, _Cause(cause_event_id, at), lambda block: block.dimension not in PERIOD_DIMENSIONS)
+
+
+class _Cause(msgspec.Struct, frozen=True):
+    event_id: str
+    occurred_at: datetime
+
+
+def _lift_blocks(account: Account, plan: Plan, cause: AnyCommand | _Cause,
+                 keep: Callable[[Block], bool]) -> tuple[GateEvent, ...]:
+    """An ``unblocked`` event for each block that ``keep`` says no longer holds."""
+    gates = []
+    for key, block in list(account.blocks.items()):
+        if keep(block):
+            continue
+        del account.blocks[key]
+        gates.append(GateEvent(
+            gate_id=_gate_id(account, block.scope, f"{key}:unblocked:{block.threshold}"),
+            tenant=account.tenant, user=account.user, kind="unblocked", dimension=block.dimension,  # type: ignore[arg-type]
+            model=block.model, threshold=block.threshold, used=_used(account, block.dimension, block.model),
+            limit=block.limit, scope=block.scope, plan_id=plan.plan_id, plan_version=plan.version,
+            cause_event_id=cause.event_id, occurred_at=cause.occurred_at,
+        ))
+    return tuple(gates)
+
+
+def _still_blocked(account: Account, plan: Plan, block: Block) -> bool:
+    """Whether ``block`` holds under ``plan`` (after an upgrade or downgrade)."""
+    if block.dimension == "balance":
+        return account.balance <= ZERO and plan.billing_mode == "paygo"
+    limit = limit_of(plan, block.dimension, block.model)
+    return bool(limit) and _used(account, block.dimension, block.model) >= plan.hard_gate_at * limit  # type: ignore[operator]
+
+
+def limit_of(plan: Plan, dimension: str, model: str | None) -> Decimal | None:
+    if dimension == "period_spend":
+        return plan.max_spend_per_period
+    if dimension == "session_spend":
+        return plan.max_spend_per_session
+    if dimension == "model_tokens" and model is not None and model in plan.model_limits:
+        return Decimal(plan.model_limits[model].max_tokens_per_period)
+    return None
+
+
+def _used(account: Account, dimension: str, model: str | None) -> Decimal:
+    if dimension == "model_tokens" and model is not None:
+        return Decimal(account.period_tokens.get(model, 0))
+    if dimension == "balance":
+        return account.balance
+    return account.period_spend
+
+
+def _expire_reservations(account: Account, at: datetime) -> int:
+    expired = [rid for rid, r in account.reservations.items() if r.expires_at <= at]
+    for rid in expired:
+        del account.reservations[rid]
+    return len(expired)
 
 
 def _timeout(plan: Plan) -> timedelta:
@@ -224,7 +383,7 @@ def _minutes(minutes: Decimal) -> timedelta:
     return timedelta(minutes=float(minutes))
 
 
-def _remember(account: Account, command: AnyCommand) -> None:
+def _remember(account: Account, command: UserCommand) -> None:
     account.seen[command.event_id] = payload_digest(command)
     while len(account.seen) > DEDUP_WINDOW_EVENTS_PER_USER:
         del account.seen[next(iter(account.seen))]
@@ -242,8 +401,12 @@ def _prune_sessions(account: Account, at: datetime, history: PlanHistory) -> Non
             del sessions[sid]
 
 
+def _gate_id(account: Account, scope: str, key: str) -> str:
+    return str(uuid.uuid5(GATE_NAMESPACE, f"{account.tenant}/{account.user}/{scope}/{key}"))
+
+
 def _crossings(account: Account, session: SessionState, plan: Plan,
-               command: UsageRecorded) -> tuple[GateEvent, ...]:
+               command: UsageRecorded) -> list[GateEvent]:
     """Gate events for every threshold this event crossed for the first time."""
     assert account.period_start is not None
     model_limit = plan.model_limits.get(command.model)
@@ -266,14 +429,35 @@ def _crossings(account: Account, session: SessionState, plan: Plan,
                 continue
             crossed.append(key)
             scope = session.scope if per_session else f"period:{account.period_start.isoformat()}"
+            if kind == "hard_block" and dimension in PERIOD_DIMENSIONS:
+                account.blocks[f"{dimension}:{model or ''}"] = Block(
+                    dimension=dimension, model=model, scope=scope, threshold=threshold, limit=limit,
+                    plan_id=plan.plan_id, plan_version=plan.version)
             gates.append(GateEvent(
-                gate_id=str(uuid.uuid5(GATE_NAMESPACE, f"{account.tenant}/{account.user}/{scope}/{key}")),
+                gate_id=_gate_id(account, scope, key),
                 tenant=account.tenant, user=account.user, kind=kind, dimension=dimension,  # type: ignore[arg-type]
                 model=model, threshold=threshold, used=used, limit=limit, scope=scope,
                 plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
                 occurred_at=command.occurred_at,
             ))
-    return tuple(gates)
+    return gates
+
+
+def _balance_gates(account: Account, plan: Plan, command: UsageRecorded) -> list[GateEvent]:
+    """Pay-as-you-go: a hard block when the prepaid balance runs out."""
+    key = f"{BALANCE}hard_block:0"
+    if plan.billing_mode != "paygo" or account.balance > ZERO or key in account.crossed:
+        return []
+    account.crossed.append(key)
+    scope = f"balance:{account.topups}"
+    account.blocks[BALANCE] = Block(dimension="balance", model=None, scope=scope, threshold=ZERO, limit=ZERO,
+                                       plan_id=plan.plan_id, plan_version=plan.version)
+    return [GateEvent(
+        gate_id=_gate_id(account, scope, key), tenant=account.tenant, user=account.user, kind="hard_block",
+        dimension="balance", model=None, threshold=ZERO, used=account.balance, limit=ZERO, scope=scope,
+        plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
+        occurred_at=command.occurred_at,
+    )]
 
 
 def _entry(account: Account, command: UsageRecorded, session: SessionState, plan: Plan, cost: Decimal,

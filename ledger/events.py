@@ -52,6 +52,8 @@ class UsageRecorded(Command, frozen=True, tag="usage"):
     output_tokens: Tokens
     session_id: Name = DEFAULT_SESSION
     tools: Annotated[dict[Name, ToolCalls], msgspec.Meta(max_length=TOOLS_PER_EVENT_MAX)] = {}
+    # The reservation this call settles (from a reserving pre-call check).
+    reservation_id: EventId | None = None
 
 
 class PlanAssigned(Command, frozen=True, tag="plan_assigned"):
@@ -62,13 +64,45 @@ class PlanAssigned(Command, frozen=True, tag="plan_assigned"):
     period_start: Timestamp
 
 
+class ToppedUp(Command, frozen=True, tag="topped_up"):
+    """Money was added to a pay-as-you-go user's prepaid balance."""
+
+    user: Name
+    amount: Decimal
+
+
+class CheckRequested(Command, frozen=True, tag="check"):
+    """May ``user`` make this call? With ``reserve``, hold the estimate until the call's usage settles it.
+
+    ``event_id`` is the reservation's id; the answer goes to the replies topic under ``request_id``.
+    """
+
+    user: Name
+    model: Name
+    request_id: EventId
+    session_id: Name = DEFAULT_SESSION
+    input_tokens: Tokens | None = None
+    output_tokens: Tokens | None = None
+    reserve: bool = False
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 600
+
+
+class ClockTicked(msgspec.Struct, frozen=True, tag="tick", tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    """Time passed (written to every partition), so periods end even without traffic."""
+
+    event_id: EventId
+    occurred_at: Timestamp
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
 class PlanPublished(Command, frozen=True, tag="plan_published"):
     """A plan version exists. Written to every partition of the usage log."""
 
     plan: Plan
 
 
-AnyCommand = UsageRecorded | PlanAssigned | PlanPublished
+AnyCommand = UsageRecorded | PlanAssigned | PlanPublished | ToppedUp | CheckRequested | ClockTicked
+UserCommand = UsageRecorded | PlanAssigned | ToppedUp | CheckRequested
 
 
 def user_key(tenant: str, user: str) -> str:
@@ -76,7 +110,7 @@ def user_key(tenant: str, user: str) -> str:
     return f"{tenant}/{user}"
 
 
-def payload_digest(command: Command) -> str:
+def payload_digest(command: Command | ClockTicked) -> str:
     """Fingerprint of a command's content, to tell a retry from a conflict."""
     return hashlib.blake2b(msgspec.json.encode(command), digest_size=8).hexdigest()
 
@@ -113,7 +147,7 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 GateKind = Literal["soft_warning", "hard_block", "unblocked"]
-Dimension = Literal["period_spend", "session_spend", "model_tokens"]
+Dimension = Literal["period_spend", "session_spend", "model_tokens", "balance"]
 
 
 class GateEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -151,4 +185,20 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str | None = None
     user: str | None = None
     event_id: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+class CheckAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to a pre-call check: allow, warn (allowed, past a soft threshold) or block."""
+
+    request_id: str
+    reservation_id: str | None
+    tenant: str
+    user: str
+    decision: Literal["allow", "warn", "block"]
+    reason: str
+    dimension: str | None = None
+    # Remaining headroom per limited dimension after this call, e.g. {"period_spend": "4.25"}.
+    remaining: dict[str, Decimal] = {}
+    estimate_cost: Decimal | None = None
     schema_version: int = SCHEMA_VERSION

@@ -43,3 +43,15 @@ def period_bounds(anchor: datetime, interval: Interval, at: datetime) -> tuple[d
 def session_expired(last_at: datetime, at: datetime, timeout: timedelta) -> bool:
     """A session ends after ``timeout`` without events, in event time."""
     return at - last_at > timeout
+
+
+def billing_period(anchor: datetime, interval: Interval, trial_days: int, at: datetime) -> tuple[datetime, datetime]:
+    """The period containing ``at``: a trial of ``trial_days`` first, then periods anchored at its end."""
+    if trial_days:
+        trial_end = anchor + timedelta(days=trial_days)
+        if at < trial_end:
+            if at < anchor:
+                raise ValueError("time precedes the subscription start")
+            return anchor, trial_end
+        anchor = trial_end
+    return period_bounds(anchor, interval, at)

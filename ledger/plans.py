@@ -56,6 +56,10 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     session_timeout_minutes: Decimal = DEFAULT_SESSION_TIMEOUT_MINUTES
     markup: Decimal = Decimal(1)
     period_interval: Literal["month", "year"] = "month"
+    billing_mode: Literal["subscription", "paygo"] = "subscription"
+    trial_days: int = 0
+    # Tokens assumed for a pre-call check that gives no estimate (priced as output tokens).
+    pre_call_estimate: int | None = None
 
     def allows(self, model: str) -> bool:
         return model in self.cost_rates or model in self.model_limits
@@ -82,6 +86,9 @@ class PlanSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     session_timeout_minutes: Decimal = DEFAULT_SESSION_TIMEOUT_MINUTES
     markup: Decimal = Decimal(1)
     period_interval: Literal["month", "year"] = "month"
+    billing_mode: Literal["subscription", "paygo"] = "subscription"
+    trial_days: Annotated[int, msgspec.Meta(ge=0, le=366)] = 0
+    pre_call_estimate: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] | None = None
 
 
 class PlansConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -180,6 +187,9 @@ class PlanPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     session_timeout_minutes: Decimal | msgspec.UnsetType = msgspec.UNSET
     markup: Decimal | msgspec.UnsetType = msgspec.UNSET
     period_interval: Literal["month", "year"] | msgspec.UnsetType = msgspec.UNSET
+    billing_mode: Literal["subscription", "paygo"] | msgspec.UnsetType = msgspec.UNSET
+    trial_days: Annotated[int, msgspec.Meta(ge=0, le=366)] | msgspec.UnsetType = msgspec.UNSET
+    pre_call_estimate: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] | None | msgspec.UnsetType = msgspec.UNSET
 
 
 def revise(plan: Plan, patch: PlanPatch) -> Plan:

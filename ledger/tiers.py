@@ -226,6 +226,8 @@ def tier_to_plan(tier: Tier, *, plan_id: str, version: int, catalog: RateSource)
         cost_rates=rates,
         markup=tier.markup,
         period_interval=tier.price_interval or "month",
+        billing_mode=tier.billing_mode,
+        trial_days=tier.trial_days,
     )
 
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ledger.account import Account, Decision, PlanHistory, Result, decide
-from ledger.events import AnyCommand, PlanAssigned, PlanPublished, UsageRecorded
+from ledger.events import AnyCommand, ClockTicked, PlanAssigned, PlanPublished, UsageRecorded
 from ledger.plans import Plan, parse_plans_config, plans_from_config
 
 TENANT = "acme"
@@ -46,6 +46,14 @@ class Ledger:
         self.plans: dict[tuple[str, str], PlanHistory] = {}
 
     def apply(self, command: AnyCommand) -> Decision:
+        if isinstance(command, ClockTicked):  # the processor applies a tick to every account of the partition
+            gates = []
+            for key, account in list(self.accounts.items()):
+                decision = decide(account, command, lambda t, p: self.plans.get((t, p)))
+                if decision.account is not None:
+                    self.accounts[key] = decision.account
+                gates += decision.gates
+            return Decision(result=Result.ok, gates=tuple(gates))
         key = (command.tenant, getattr(command, "user", ""))
         decision = decide(self.accounts.get(key), command, lambda t, p: self.plans.get((t, p)))
         if decision.account is not None:

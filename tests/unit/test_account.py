@@ -72,7 +72,9 @@ def test_a_new_period_resets_spend_and_gates(ledger):
     december = [ok(ledger.apply(usage("u", 100 + n, at=T0 + timedelta(days=30, minutes=n)))) for n in range(1, 6)]
     assert november[-1].entry.period_model_tokens == december[-1].entry.period_model_tokens == 10_000
     assert december[0].entry.period_spend == Decimal("0.00075")
-    assert len(gates_of(december)) == 2
+    # The first call of December lifts November's block: one unblocked event, then December's own crossings.
+    assert [(k, used) for k, _, _, used in gates_of(december)] == [
+        ("unblocked", Decimal(0)), ("soft_warning", Decimal(8000)), ("hard_block", Decimal(10000))]
     assert {g.gate_id for d in november for g in d.gates}.isdisjoint(g.gate_id for d in december for g in d.gates)
 
 

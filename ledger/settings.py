@@ -30,6 +30,8 @@ class Settings:
     # A JSON file of provider prices that win over the shipped catalog.
     price_overrides: Path | None = None
     api_port: int = 18000
+    # How often the leader worker writes a clock tick to every partition (0: never).
+    tick_seconds: int = 60
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -55,6 +57,7 @@ class Settings:
             database_url=env.get("LEDGER_DATABASE_URL") or None,
             price_overrides=Path(env["LEDGER_PRICE_OVERRIDES"]) if env.get("LEDGER_PRICE_OVERRIDES") else None,
             api_port=_int(env, "LEDGER_API_PORT", 18000),
+            tick_seconds=_int(env, "LEDGER_TICK_SECONDS", 60),
         )
 
     @property

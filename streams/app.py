@@ -10,15 +10,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faust
 from faust.tables.table import Table
 
+from ledger.events import ClockTicked
 from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode
 from streams.processor import Record, UsageProcessor, partition_of
+from streams.publisher import CLOCK_KEY
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,8 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
     table = app.tables.add(PartitionedTable(
         app=app, name="accounts", partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIGS,
     ))
-    processor = UsageProcessor(topics, table.get)
+    processor = UsageProcessor(topics, table.get,
+                               lambda prefix: ((k, v) for k, v in table.data.items() if k.startswith(prefix)))
     changelog = table.changelog_topic.get_topic_name()
     totals: dict[str, int] = {}
 
@@ -110,6 +114,15 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
             if time.monotonic() - last_log > PROGRESS_LOG_EVERY_S:
                 last_log = time.monotonic()
                 log.info("processed so far: %s", totals)
+
+    if settings.tick_seconds > 0:
+        @app.timer(settings.tick_seconds, on_leader=True)
+        async def tick() -> None:
+            """Time enters the log as events, so a period ends (and its blocks lift) without traffic."""
+            now = datetime.now(UTC)
+            value = encode(ClockTicked(event_id=f"tick-{now.isoformat()}", occurred_at=now))
+            partitions = app.consumer.topic_partitions(usage.get_topic_name()) or settings.partitions
+            await asyncio.gather(*await _send(app, ((topics.usage, CLOCK_KEY, value, p) for p in range(partitions))))
 
     app.ledger_totals = totals  # type: ignore[attr-defined]
     return app

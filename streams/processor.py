@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ledger.account import Account, Decision, PlanHistory, Result, decide
-from ledger.events import PlanPublished, Rejection, user_key
+from ledger.events import ClockTicked, PlanPublished, Rejection, user_key
 from streams.codecs import decode_command, encode
 from streams.topics import Topics
 
@@ -64,9 +64,11 @@ def partition_of(table_key: str) -> int:
 
 
 class UsageProcessor:
-    def __init__(self, topics: Topics, read_state: Callable[[str], Any]) -> None:
+    def __init__(self, topics: Topics, read_state: Callable[[str], Any],
+                 scan_state: Callable[[str], Iterable[tuple[str, Any]]] = lambda prefix: ()) -> None:
         self.topics = topics
         self._read_state = read_state
+        self._scan_state = scan_state
 
     def run(self, records: Iterable[Record]) -> Batch:
         batch = Batch()
@@ -84,6 +86,9 @@ class UsageProcessor:
             self._reject(batch, record, "invalid_event", f"invalid event: {exc}")
             return
         p = record.partition
+        if isinstance(command, ClockTicked):
+            self._tick(command, p, batch, read)
+            return
         if not isinstance(command, PlanPublished):
             expected = user_key(command.tenant, command.user).encode()
             if record.key != expected:
@@ -101,14 +106,25 @@ class UsageProcessor:
             return
         self._collect(decision, record, command, akey, batch)
 
-    def _collect(self, decision: Decision, record: Record, command: Any, akey: str | None, batch: Batch) -> None:
+    def _tick(self, tick: ClockTicked, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:
+        """A clock tick applies to every account of its partition."""
+        prefix = f"{partition}:a:"
+        keys = {key for key, _ in self._scan_state(prefix)} | {k for k in batch.writes if k.startswith(prefix)}
+        for akey in sorted(keys):  # sorted: the same outputs in the same order on every replay
+            account = read(akey)
+            decision = decide(account, tick, lambda tenant, plan_id: read(plan_key(partition, tenant, plan_id)))
+            self._collect(decision, None, tick, akey, batch)
+
+    def _collect(self, decision: Decision, record: Record | None, command: Any, akey: str | None, batch: Batch) -> None:
         batch.count(decision.result.value)
         if decision.result in (Result.rejected, Result.conflict):
+            assert record is not None
             self._reject(batch, record, decision.code, decision.reason, command)
             return
         if decision.account is not None and akey is not None:
             batch.writes[akey] = decision.account
         if decision.plan_history is not None:
+            assert record is not None
             history = decision.plan_history
             batch.writes[plan_key(record.partition, history.tenant, history.plan_id)] = history
         if decision.entry is not None:
@@ -116,6 +132,8 @@ class UsageProcessor:
             batch.outputs.append((self.topics.entries, user_key(entry.tenant, entry.user).encode(), encode(entry)))
         for gate in decision.gates:
             batch.outputs.append((self.topics.gates, user_key(gate.tenant, gate.user).encode(), encode(gate)))
+        if decision.reply is not None:
+            batch.outputs.append((self.topics.replies, decision.reply.request_id.encode(), encode(decision.reply)))
 
     def _reject(self, batch: Batch, record: Record, code: str, reason: str, command: Any = None) -> None:
         raw = record.value or b""

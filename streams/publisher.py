@@ -6,12 +6,13 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
 
-from ledger.events import AnyCommand, PlanPublished, user_key
+from ledger.events import AnyCommand, ClockTicked, PlanPublished, user_key
 from ledger.settings import Settings
 from streams.codecs import encode
 from streams.topics import Topics, ensure_topics
 
 PLANS_KEY = b"~plans"
+CLOCK_KEY = b"~clock"
 
 
 class UsagePublisher:
@@ -44,10 +45,10 @@ class UsagePublisher:
         pending = []
         for command in commands:
             value = encode(command)
-            if isinstance(command, PlanPublished):
+            if isinstance(command, PlanPublished | ClockTicked):  # every partition needs to see these
+                key = PLANS_KEY if isinstance(command, PlanPublished) else CLOCK_KEY
                 for partition in self._partitions:
-                    pending.append(await self._producer.send(self.topics.usage, value, key=PLANS_KEY,
-                                                             partition=partition))
+                    pending.append(await self._producer.send(self.topics.usage, value, key=key, partition=partition))
             else:
                 key = user_key(command.tenant, command.user).encode()
                 pending.append(await self._producer.send(self.topics.usage, value, key=key))

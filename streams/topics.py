@@ -23,6 +23,7 @@ class Topics:
     entries: str
     gates: str
     rejected: str
+    replies: str
 
     @classmethod
     def for_namespace(cls, namespace: str) -> Topics:
@@ -31,10 +32,11 @@ class Topics:
             entries=f"{namespace}.entries",
             gates=f"{namespace}.gates",
             rejected=f"{namespace}.rejected",
+            replies=f"{namespace}.replies",
         )
 
     def all(self) -> tuple[str, ...]:
-        return (self.usage, self.entries, self.gates, self.rejected)
+        return (self.usage, self.entries, self.gates, self.rejected, self.replies)
 
 
 async def ensure_topics(settings: Settings) -> Topics:

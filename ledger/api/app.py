@@ -10,7 +10,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
-from ledger.api import plans, tiers, users
+from ledger.api import calls, plans, tiers, users
 from ledger.api.wire import install_openapi
 from ledger.catalog import load_catalog
 from ledger.control.config import CommandLog
@@ -26,24 +26,31 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if command_log is not None:
-            app.state.log = command_log
-            yield
-            return
         from streams.publisher import UsagePublisher
+        from streams.replies import ReplyWaiter
         from streams.topics import ensure_topics
 
         await ensure_topics(settings)
-        async with UsagePublisher(settings) as publisher:
-            app.state.log = publisher
-            yield
+        replies = ReplyWaiter(settings)
+        await replies.start()
+        app.state.replies = replies
+        try:
+            if command_log is not None:
+                app.state.log = command_log
+                yield
+            else:
+                async with UsagePublisher(settings) as publisher:
+                    app.state.log = publisher
+                    yield
+        finally:
+            await replies.stop()
 
     app = FastAPI(title="usage-ledger", version="1", lifespan=lifespan,
                   description="Priced LLM usage, gate events and spend history per end user.")
     app.state.store = store
     app.state.settings = settings
     app.state.catalog = load_catalog(overrides=settings.price_overrides)
-    for router in (plans.router, tiers.router, users.router):
+    for router in (calls.router, plans.router, tiers.router, users.router):
         app.include_router(router, prefix="/api/v1")
     install_openapi(app)
 

@@ -72,7 +72,8 @@ def test_get_fills_every_default(api):
     assert plan == {"id": plan["id"], "name": "bare", "version": 1, "max_spend_per_period": None,
                     "max_spend_per_session": None, "model_limits": {}, "cost_rates": {}, "default_cost_rate": None,
                     "tool_costs": {}, "soft_gate_at": 0.80, "hard_gate_at": 1.00, "session_timeout_minutes": 30,
-                    "markup": 1, "period_interval": "month"}
+                    "markup": 1, "period_interval": "month", "billing_mode": "subscription", "trial_days": 0,
+                    "pre_call_estimate": None}
     raw = acme.call("GET", "/config/plans").text
     assert '"soft_gate_at":0.80' in raw  # decimals are written as the exact numbers, never via float
 

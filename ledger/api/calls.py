@@ -1,0 +1,79 @@
+"""Calls: the pre-call check (with reservations) and pay-as-you-go top-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+import msgspec
+from fastapi import APIRouter, Depends, HTTPException, Request
+
+from ledger.api.auth import require
+from ledger.api.wire import JSONResponse, body_schema, decode, read_body
+from ledger.control.keys import Scope
+from ledger.control.store import Principal
+from ledger.events import DEFAULT_SESSION, CheckRequested, Name, Tokens, ToppedUp
+
+router = APIRouter(tags=["calls"])
+CHECK_TIMEOUT_S = 10.0
+
+
+class CheckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    user: Annotated[Name, msgspec.Meta(description="Your id for the end user (usage events' `user`).")]
+    model: Name
+    session_id: Name = DEFAULT_SESSION
+    input_tokens: Tokens | None = None
+    output_tokens: Tokens | None = None
+    reserve: bool = False
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 600
+
+
+class TopUpBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    amount: Annotated[Decimal, msgspec.Meta(description="Dollars to add to the prepaid balance.")]
+
+
+@router.post("/check", openapi_extra=body_schema(CheckBody), response_class=JSONResponse,
+             responses={402: {"description": "Blocked: the body says which limit and why."}},
+             summary="May this user make this call? allow / warn (200) or block (402); reserve to hold the estimate")
+async def check(request: Request, who: Principal = Depends(require(Scope.ingest, Scope.admin))) -> JSONResponse:
+    body = decode(await read_body(request), CheckBody)
+    state = request.app.state
+    request_id = str(uuid.uuid4())
+    command = CheckRequested(
+        event_id=str(uuid.uuid4()), request_id=request_id, tenant=who.tenant_id, user=body.user, model=body.model,
+        session_id=body.session_id, input_tokens=body.input_tokens, output_tokens=body.output_tokens,
+        reserve=body.reserve, ttl_seconds=body.ttl_seconds, occurred_at=datetime.now(UTC))
+    try:
+        answer_future = state.replies.expect(request_id)
+    except OverflowError as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+    try:
+        await state.log.publish([command])
+        answer = await asyncio.wait_for(answer_future, CHECK_TIMEOUT_S)
+    except TimeoutError:
+        raise HTTPException(504, f"the ledger did not answer within {CHECK_TIMEOUT_S:.0f}s") from None
+    finally:
+        state.replies.forget(request_id)
+    document: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(Decimal,))
+    for internal in ("request_id", "tenant", "schema_version"):
+        document.pop(internal)
+    return JSONResponse(document, status_code=402 if answer.decision == "block" else 200)
+
+
+@router.post("/users/{user_id}/topups", openapi_extra=body_schema(TopUpBody), response_class=JSONResponse,
+             status_code=202, summary="Add to a pay-as-you-go user's prepaid balance")
+async def top_up(user_id: str, request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
+    body = decode(await read_body(request), TopUpBody)
+    if not body.amount.is_finite() or body.amount <= 0 or body.amount > 1_000_000:
+        raise HTTPException(422, "amount: must be above 0 and at most 1000000")
+    with request.app.state.store.session() as session:
+        user = session.user(who.tenant_id, user_id)
+    if user is None:
+        raise HTTPException(404, f"no user {user_id}")
+    event_id = str(uuid.uuid4())
+    await request.app.state.log.publish([ToppedUp(event_id=event_id, tenant=who.tenant_id, user=user.external_id,
+                                                  amount=body.amount, occurred_at=datetime.now(UTC))])
+    return JSONResponse({"event_id": event_id, "user": user.id, "amount": body.amount}, status_code=202)

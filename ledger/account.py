@@ -44,6 +44,7 @@ from ledger.pricing import price
 DEDUP_WINDOW_EVENTS_PER_USER = 1000
 OPEN_SESSIONS_PER_USER_MAX = 256
 RESERVATIONS_PER_USER_MAX = 1000
+CLOSED_PERIODS_KEPT = 2
 TOPUP_AMOUNT_MAX = Decimal(1_000_000)
 GATE_NAMESPACE = uuid.UUID("0c7f3f2e-4b1d-5f0a-9a6e-7d2b9e51c3a4")
 # Blocks on these dimensions last for the period; a new period lifts them.
@@ -108,6 +109,14 @@ class Block(msgspec.Struct, frozen=True, kw_only=True):
     plan_version: int
 
 
+class ClosedPeriod(msgspec.Struct, kw_only=True):
+    """A recent period's final totals, kept so a late event can still correct them."""
+
+    spend: Decimal
+    tokens: dict[str, int]
+    crossed: list[str]
+
+
 class Account(msgspec.Struct, kw_only=True, tag="account"):
     tenant: str
     user: str
@@ -127,6 +136,8 @@ class Account(msgspec.Struct, kw_only=True, tag="account"):
     topups: int = 0
     blocks: dict[str, Block] = {}
     reservations: dict[str, Reservation] = {}
+    # period start (ISO) -> totals of the last CLOSED_PERIODS_KEPT periods, oldest first.
+    closed: dict[str, ClosedPeriod] = {}
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -274,11 +285,14 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     if plan.billing_mode == "paygo":
         account.balance = add(account.balance, -cost)
     if late:
-        # A closed period's live totals are final; the entry still carries its
-        # own period so history counts it there.
+        # The entry carries its own (closed) period, so history counts it there.
+        # If that period is among the last few, its totals move and any threshold
+        # the late event crossed there is reported as a correction.
+        corrections = _late_corrections(account, plan, command, cost, tokens, period_start)
         entry = _entry(account, command, session, plan, cost, period_start, period_end, late=True,
                        period_spend=None, session_spend=None, model_tokens=None)
-        return Decision(result=Result.ok, account=account, entry=entry, gates=tuple(_balance_gates(account, plan, command)))
+        return Decision(result=Result.ok, account=account, entry=entry,
+                        gates=(*corrections, *_balance_gates(account, plan, command)))
 
     gates: list[GateEvent] = []
     if account.period_start != period_start:
@@ -310,6 +324,12 @@ def current_period(account: Account, plan: Plan, at: datetime) -> tuple[datetime
 def _roll_period(account: Account, plan: Plan, at: datetime, cause_event_id: str) -> tuple[GateEvent, ...]:
     """Enter the period containing ``at``: spend and tokens reset, period blocks are lifted."""
     was_set = account.period_start is not None
+    if account.period_start is not None:
+        account.closed[account.period_start.isoformat()] = ClosedPeriod(
+            spend=account.period_spend, tokens=dict(account.period_tokens),
+            crossed=[key for key in account.crossed if not key.startswith(BALANCE)])
+        while len(account.closed) > CLOSED_PERIODS_KEPT:
+            del account.closed[next(iter(account.closed))]
     account.period_start, account.period_end = current_period(account, plan, at)
     account.period_spend, account.period_tokens, account.crossed = ZERO, {}, [
         key for key in account.crossed if key.startswith(BALANCE)]
@@ -439,6 +459,38 @@ def _crossings(account: Account, session: SessionState, plan: Plan,
                 model=model, threshold=threshold, used=used, limit=limit, scope=scope,
                 plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
                 occurred_at=command.occurred_at,
+            ))
+    return gates
+
+
+def _late_corrections(account: Account, plan: Plan, command: UsageRecorded, cost: Decimal, tokens: int,
+                      period_start: datetime) -> list[GateEvent]:
+    """Thresholds a late event crossed in a recent closed period, as correction gate events."""
+    closed = account.closed.get(period_start.isoformat())
+    if closed is None:
+        return []  # older than the periods we keep: history has it, gates cannot change any more
+    closed.spend = add(closed.spend, cost)
+    closed.tokens[command.model] = closed.tokens.get(command.model, 0) + tokens
+    scope = f"period:{period_start.isoformat()}"
+    model_limit = plan.model_limits.get(command.model)
+    gates = []
+    for dimension, model, used, limit in (
+            ("period_spend", None, closed.spend, plan.max_spend_per_period),
+            ("model_tokens", command.model, Decimal(closed.tokens[command.model]),
+             Decimal(model_limit.max_tokens_per_period) if model_limit else None)):
+        if not limit:
+            continue
+        for kind, ratio in (("soft_warning", plan.soft_gate_at), ("hard_block", plan.hard_gate_at)):
+            threshold = ratio * limit
+            key = f"{dimension}:{model or ''}:{kind}:{threshold}"
+            if used < threshold or key in closed.crossed:
+                continue
+            closed.crossed.append(key)
+            gates.append(GateEvent(
+                gate_id=_gate_id(account, scope, key), tenant=account.tenant, user=account.user, kind=kind,  # type: ignore[arg-type]
+                dimension=dimension, model=model, threshold=threshold, used=used, limit=limit,  # type: ignore[arg-type]
+                scope=scope, plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
+                occurred_at=command.occurred_at, correction=True,
             ))
     return gates
 

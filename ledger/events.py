@@ -167,6 +167,8 @@ class GateEvent(msgspec.Struct, frozen=True, kw_only=True):
     plan_version: int
     cause_event_id: str
     occurred_at: datetime
+    # True when a late event changed a closed period: the crossing happened there, after the fact.
+    correction: bool = False
     schema_version: int = SCHEMA_VERSION
 
 

@@ -74,7 +74,7 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
 class PlanSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One entry of the plans guide's ``plans`` list, as an operator writes it."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=PLAN_NAME_LENGTH_MAX)]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=PLAN_NAME_LENGTH_MAX, pattern=r"^[^\x00]*$")]
     max_spend_per_period: NonNegative | None = None
     max_spend_per_session: NonNegative | None = None
     model_limits: dict[ModelName, ModelLimit] = {}
@@ -153,7 +153,7 @@ def _check_amounts(spec: PlanSpec, config: PlansConfig) -> None:
     ratios = [("soft_gate_at", spec.soft_gate_at), ("hard_gate_at", spec.hard_gate_at),
               ("soft_gate_at (global)", config.soft_gate_at), ("hard_gate_at (global)", config.hard_gate_at)]
     for field, ratio in ratios:
-        if ratio is not None and not (0 < ratio <= GATE_RATIO_MAX):
+        if ratio is not None and not (ratio.is_finite() and 0 < ratio <= GATE_RATIO_MAX):
             raise PlanError(f"{where}: {field} must be above 0 and at most {GATE_RATIO_MAX}, got {ratio}")
     if not (spec.session_timeout_minutes.is_finite() and spec.session_timeout_minutes > 0):
         raise PlanError(f"{where}: session_timeout_minutes must be positive")

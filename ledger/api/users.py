@@ -19,7 +19,8 @@ router = APIRouter(prefix="/users", tags=["users"])
 
 
 class NewUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    external_id: Annotated[Name, msgspec.Meta(description="Your id for the end user; usage events carry it as `user`.")]
+    external_id: Annotated[Name, msgspec.Meta(pattern=r"^[^\x00]*$",
+                                              description="Your id for the end user; usage events carry it as `user`.")]
     plan_id: str | None = None
     period_start: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
 
@@ -40,7 +41,10 @@ async def _subscribe(request: Request, session: ControlSession, who: Principal, 
     if session.plan(who.tenant_id, plan_id) is None:
         raise HTTPException(422, f"plan_id: no plan {plan_id} for this tenant")
     now = datetime.now(UTC)
-    start = (period_start or now).astimezone(UTC)
+    try:
+        start = (period_start or now).astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before datetime.min in UTC
+        raise HTTPException(422, f"period_start: {period_start} is out of range in UTC") from None
     updated = session.set_subscription(who.tenant_id, user.id, plan_id, start)
     await request.app.state.log.publish([PlanAssigned(
         event_id=str(uuid.uuid4()), tenant=who.tenant_id, user=user.external_id, plan_id=plan_id,

@@ -223,6 +223,8 @@ class ControlSession:
         return [_plan_decoder.decode(body) for body in rows]
 
     def plan(self, tenant_id: str, plan_id: str, *, for_update: bool = False) -> Plan | None:
+        if "\x00" in plan_id:  # PostgreSQL text cannot hold NUL, so no row has it
+            return None
         query = (select(PlanVersionRow.body).join(PlanRow, (PlanRow.id == PlanVersionRow.plan_id)
                                                   & (PlanRow.latest_version == PlanVersionRow.version))
                  .where(PlanRow.tenant_id == tenant_id, PlanRow.id == plan_id))
@@ -246,6 +248,8 @@ class ControlSession:
         return [(r.id, r.plan_id, _tier_decoder.decode(r.body)) for r in rows]
 
     def tier(self, tenant_id: str, tier_id: str) -> tuple[str, str, Tier] | None:
+        if "\x00" in tier_id:  # PostgreSQL text cannot hold NUL, so no row has it
+            return None
         row = self.db.scalar(select(TierRow).where(TierRow.tenant_id == tenant_id, TierRow.id == tier_id))
         return None if row is None else (row.id, row.plan_id, _tier_decoder.decode(row.body))
 
@@ -261,6 +265,8 @@ class ControlSession:
         return _user(row)
 
     def user(self, tenant_id: str, user_id: str) -> User | None:
+        if "\x00" in user_id:  # PostgreSQL text cannot hold NUL, so no row has it
+            return None
         row = self.db.scalar(select(UserRow).where(UserRow.tenant_id == tenant_id, UserRow.id == user_id))
         return None if row is None else _user(row)
 

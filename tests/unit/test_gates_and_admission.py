@@ -158,3 +158,19 @@ def test_checks_that_cannot_pass(user, model, reason):
     ok(led.apply(assigned("u", TINY)))
     answer = ok(led.apply(check(user, 1, model=model))).reply
     assert answer.decision == "block" and reason in answer.reason
+
+
+def test_a_late_event_that_crosses_a_threshold_in_a_closed_period_is_reported_as_a_correction():
+    free = seed_plans()["free"]
+    led = ledger_with(free)
+    ok(led.apply(assigned("u", free)))
+    november = [ok(led.apply(usage("u", n))) for n in range(1, 5)]           # 8,000 tokens: soft warning
+    assert kinds(november) == [("soft_warning", "model_tokens")]
+    ok(led.apply(usage("u", 10, at=T0 + timedelta(days=31))))               # December begins
+    late = ok(led.apply(usage("u", 5, at=T0 + timedelta(days=2))))           # a November call arrives late
+    assert late.entry.late and late.entry.period_start == T0
+    (correction,) = late.gates
+    assert (correction.kind, correction.used, correction.correction) == ("hard_block", Decimal(10_000), True)
+    assert correction.scope == f"period:{T0.isoformat()}" and led.account("u").period_tokens == {"gpt-4o-mini": 2000}
+    assert ok(led.apply(usage("u", 6, at=T0 + timedelta(days=3)))).gates == ()   # one event per crossing
+    assert led.account("u").blocks == {}                                        # a closed period blocks nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -124,6 +125,15 @@ def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection
             time.sleep(LOCK_RETRY_S)
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """Identity of the file behind ``path``: it changes when a rebuild swaps a new file in."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Projector:
     def __init__(self, settings: Settings, path: Path | None = None) -> None:
         self.settings = settings
@@ -134,6 +144,7 @@ class Projector:
         self.rows_written = 0
         with connect(self.path) as con:
             create_schema(con)
+        self._file_id = _file_id(self.path)
 
     def stored_offsets(self) -> dict[TopicPartition, int]:
         with connect(self.path) as con:
@@ -153,21 +164,30 @@ class Projector:
             if not partitions:
                 raise RuntimeError(f"none of the topics {self.sources} exists")
             consumer.assign(partitions)
-            stored = self.stored_offsets()
-            for tp in partitions:
-                if tp in stored:
-                    consumer.seek(tp, stored[tp])
-                else:
-                    await consumer.seek_to_beginning(tp)
+            await self._seek_to_stored(consumer, partitions)
             targets = await consumer.end_offsets(partitions) if until_caught_up else {}
             while stop is None or not stop.is_set():
                 if until_caught_up and await self._caught_up(consumer, targets):
                     return
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=BATCH_RECORDS_MAX)
-                if batch:
-                    self.write(batch.items())
+                if (batch and not self.write(batch.items())) or self._file_id != _file_id(self.path):
+                    # `ledger projections rebuild` replaced the file: resume from the offsets the
+                    # new file stores, or the records between its end and our position would be lost.
+                    log.info("history file %s was replaced; resuming from its stored offsets", self.path)
+                    with connect(self.path) as con:
+                        create_schema(con)
+                    self._file_id = _file_id(self.path)
+                    await self._seek_to_stored(consumer, partitions)
         finally:
             await consumer.stop()
+
+    async def _seek_to_stored(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        stored = self.stored_offsets()
+        for tp in partitions:
+            if tp in stored:
+                consumer.seek(tp, stored[tp])
+            else:
+                await consumer.seek_to_beginning(tp)
 
     @staticmethod
     async def _caught_up(consumer: AIOKafkaConsumer, targets: dict[TopicPartition, int]) -> bool:
@@ -176,7 +196,8 @@ class Projector:
                 return False
         return True
 
-    def write(self, batch: Iterable[tuple[TopicPartition, list]]) -> None:  # type: ignore[type-arg]
+    def write(self, batch: Iterable[tuple[TopicPartition, list]]) -> bool:  # type: ignore[type-arg]
+        """Store one batch; False (nothing stored) if the file was swapped by a rebuild since we opened it."""
         decoders = {self.topics.entries: _entry_decoder, self.topics.gates: _gate_decoder,
                      self.topics.rejected: _rejection_decoder}
         rows: dict[str, list[tuple[object, ...]]] = {topic: [] for topic in decoders}
@@ -190,6 +211,10 @@ class Projector:
                    ("rejected_events", REJECTION_COLUMNS, rows[self.topics.rejected]))
         offset_table = pa.table(dict(zip(("topic", "partition", "next_offset"), zip(*offsets, strict=True), strict=True)))
         with connect(self.path) as con:
+            # A rebuild replaces the file only while it holds the old file's lock, so with our
+            # connection open the identity seen here is the file we are writing to.
+            if _file_id(self.path) != self._file_id:
+                return False
             con.execute("BEGIN")
             for table, columns, table_rows in targets:
                 if table_rows:
@@ -200,6 +225,7 @@ class Projector:
             con.execute("INSERT OR REPLACE INTO projector_offsets SELECT * FROM batch_offsets")
             con.execute("COMMIT")
         self.rows_written += sum(len(r) for r in rows.values())
+        return True
 
 
 def run_projector(settings: Settings) -> None:

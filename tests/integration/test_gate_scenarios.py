@@ -75,7 +75,8 @@ SCENARIOS: dict[str, tuple[str, list[AnyCommand], list[tuple[str, str, str, bool
     "unlimited": ("unlimited", [call("unlimited", n, 1_000_000) for n in (1, 2)], []),
     "paygo": ("paygo", [ToppedUp(event_id="pay-1", tenant=TENANT, user="paygo", amount=Decimal("0.50"), occurred_at=T0)]
               + [call("paygo", n, 20_000) for n in (1, 2, 3)]
-              + [ToppedUp(event_id="pay-2", tenant=TENANT, user="paygo", amount=Decimal("5"), occurred_at=T0 + timedelta(hours=1))],
+              + [ToppedUp(event_id="pay-2", tenant=TENANT, user="paygo", amount=Decimal("5"),
+                          occurred_at=T0 + timedelta(hours=1))],
               [("hard_block", "balance", "paygo-3", False), ("unblocked", "balance", "pay-2", False)]),
     "tools": ("tools", [call("tools", n, 0, tools={"search": 2}) for n in (1, 2)],
               [("soft_warning", "period_spend", "tools-2", False), ("hard_block", "period_spend", "tools-2", False)]),

@@ -30,8 +30,10 @@ test: broker
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 
+# Benchmarks print figures next to a baseline measured in the same run; they assert nothing.
 bench: broker
 	$(BIN)/python -m tests.benchmarks.pipeline
+	$(BIN)/python -m tests.benchmarks.checks
 
 check: install
 	$(BIN)/ruff check ledger streams projections tests

@@ -17,7 +17,9 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+async def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+    # async: a one-row indexed lookup is cheaper on the event loop than a trip through the thread pool,
+    # which queued every request behind the pool's 40 threads at 200 requests/s.
     if credentials is None:
         raise _unauthorized("missing API key: send `Authorization: Bearer <key>`")
     store: ControlStore = request.app.state.store
@@ -30,7 +32,7 @@ def principal(request: Request, credentials: HTTPAuthorizationCredentials | None
 
 def require(*scopes: Scope) -> Callable[[Principal], Principal]:
     """A dependency that admits a key holding any of ``scopes``."""
-    def check(who: Principal = Depends(principal)) -> Principal:
+    async def check(who: Principal = Depends(principal)) -> Principal:
         if not who.scopes & set(scopes):
             raise HTTPException(403, f"this key lacks the {' or '.join(s.value for s in scopes)} scope")
         return who

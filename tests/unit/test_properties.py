@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from ledger.account import Result
 from tests.factories import T0, Ledger, assigned, published, seed_plans, usage
+from tests.unit.test_gates_and_admission import TINY
 
 PRO = seed_plans()["pro"]
 RATES = {m: (Fraction(str(r.input)), Fraction(str(r.output))) for m, r in PRO.cost_rates.items()}
@@ -104,3 +105,39 @@ def test_replay_gives_identical_outputs_and_state(spec, duplicate_every):
     assert [encode((d.result.value, d.entry, d.gates)) for d in first] == [
         encode((d.result.value, d.entry, d.gates)) for d in second]
     assert encode(first_ledger.account("u")) == encode(second_ledger.account("u"))
+
+
+# -- reservations ------------------------------------------------------------------------------
+
+steps = st.lists(st.tuples(st.sampled_from(["check", "settle", "wait"]), st.integers(0, 40_000), st.integers(0, 900)),
+                 min_size=1, max_size=80)
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps)
+def test_reservations_never_leak_and_settled_spend_never_passes_the_hard_limit(plan_steps):
+    """Oracle: the open holds are admitted − settled − expired; usage at its estimate never overspends."""
+    from ledger.events import CheckRequested
+    from tests.factories import TENANT
+
+    ledger = Ledger()
+    ledger.apply_all([published(TINY), assigned("u", TINY)])
+    t, open_holds, n = T0, {}, 0
+    for action, tokens, seconds in plan_steps:
+        n += 1
+        t += timedelta(seconds=seconds)
+        open_holds = {rid: (exp, tok) for rid, (exp, tok) in open_holds.items() if exp > t}
+        if action == "check":
+            answer = ledger.apply(CheckRequested(event_id=f"r{n}", request_id=f"q{n}", tenant=TENANT, user="u", model="m",
+                                                 input_tokens=tokens, output_tokens=0, reserve=True, occurred_at=t)).reply
+            if answer.decision != "block":
+                open_holds[f"r{n}"] = (t + timedelta(seconds=600), tokens)
+        elif action == "settle" and open_holds:
+            rid = sorted(open_holds)[0]
+            _, held_tokens = open_holds.pop(rid)
+            settle = usage("u", n, model="m", input_tokens=held_tokens, output_tokens=0, at=t)
+            assert ledger.apply(msgspec.structs.replace(settle, reservation_id=rid)).result is Result.ok
+        account = ledger.account("u")
+        live = {rid for rid, r in account.reservations.items() if r.expires_at > t}
+        assert live == set(open_holds)
+        assert account.period_spend <= TINY.max_spend_per_period

@@ -122,9 +122,8 @@ def test_reservations_never_leak_and_settled_spend_never_passes_the_hard_limit(p
 
     ledger = Ledger()
     ledger.apply_all([published(TINY), assigned("u", TINY)])
-    t, open_holds, n = T0, {}, 0
-    for action, tokens, seconds in plan_steps:
-        n += 1
+    t, open_holds = T0, {}
+    for n, (action, tokens, seconds) in enumerate(plan_steps, 1):
         t += timedelta(seconds=seconds)
         open_holds = {rid: (exp, tok) for rid, (exp, tok) in open_holds.items() if exp > t}
         if action == "check":

@@ -34,6 +34,7 @@ test-unit: install
 bench: broker
 	$(BIN)/python -m tests.benchmarks.pipeline
 	$(BIN)/python -m tests.benchmarks.checks
+	$(BIN)/python -m tests.benchmarks.history
 
 check: install
 	$(BIN)/ruff check ledger streams projections tests

@@ -352,7 +352,7 @@ def _lift_blocks(account: Account, plan: Plan, cause: AnyCommand | _Cause,
             continue
         del account.blocks[key]
         gates.append(GateEvent(
-            gate_id=_gate_id(account, block.scope, f"{key}:unblocked:{block.threshold}"),
+            gate_id=_gate_id(account, block.scope, f"{key}:unblocked:{_canonical(block.threshold)}"),
             tenant=account.tenant, user=account.user, kind="unblocked", dimension=block.dimension,  # type: ignore[arg-type]
             model=block.model, threshold=block.threshold, used=_used(account, block.dimension, block.model),
             limit=block.limit, scope=block.scope, plan_id=plan.plan_id, plan_version=plan.version,
@@ -421,6 +421,11 @@ def _prune_sessions(account: Account, at: datetime, history: PlanHistory) -> Non
             del sessions[sid]
 
 
+def _canonical(amount: Decimal) -> str:
+    """One spelling per value (0.80 x 10000 and 0.8 x 10000 are the same threshold), so ids stay stable."""
+    return f"{amount.normalize():f}"
+
+
 def _gate_id(account: Account, scope: str, key: str) -> str:
     return str(uuid.uuid5(GATE_NAMESPACE, f"{account.tenant}/{account.user}/{scope}/{key}"))
 
@@ -444,7 +449,7 @@ def _crossings(account: Account, session: SessionState, plan: Plan,
             threshold = ratio * limit
             if used < threshold:
                 continue
-            key = f"{dimension}:{model or ''}:{kind}:{threshold}"
+            key = f"{dimension}:{model or ''}:{kind}:{_canonical(threshold)}"
             if key in crossed:
                 continue
             crossed.append(key)
@@ -482,7 +487,7 @@ def _late_corrections(account: Account, plan: Plan, command: UsageRecorded, cost
             continue
         for kind, ratio in (("soft_warning", plan.soft_gate_at), ("hard_block", plan.hard_gate_at)):
             threshold = ratio * limit
-            key = f"{dimension}:{model or ''}:{kind}:{threshold}"
+            key = f"{dimension}:{model or ''}:{kind}:{_canonical(threshold)}"
             if used < threshold or key in closed.crossed:
                 continue
             closed.crossed.append(key)

@@ -114,13 +114,19 @@ def _arrow(columns: tuple[str, ...], rows: list[tuple[object, ...]]) -> pa.Table
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the history file, waiting while another process holds its lock."""
+    """Open the history file, waiting while another connection holds it.
+
+    Another process holds a lock; in this process, a connection opened for
+    writing refuses a read-only one until it closes (the projector closes
+    after every batch).
+    """
     deadline = time.monotonic() + LOCK_WAIT_S_MAX
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+        except (duckdb.IOException, duckdb.ConnectionException) as exc:
+            busy = "lock" in str(exc).lower() or "different configuration" in str(exc)
+            if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(LOCK_RETRY_S)
 

@@ -268,20 +268,6 @@ def assign(user: str, plan_id: str, tenant: str, start: datetime | None) -> None
     asyncio.run(go())
 
 
-@cli.command()
-@click.option("--tenant", default="demo", show_default=True, help="A tenant's name or id.")
-def report(tenant: str) -> None:
-    """Per-user spend and gate events from the history file."""
-    from ledger.control.store import ControlStore
-    from projections.projector import connect
-
-    settings = _settings()
-    with ControlStore(settings.control_url).session() as session:
-        tenant_id = session.tenant_id(tenant) or tenant
-    with connect(settings.history_path, read_only=True) as con:
-        click.echo(format_report(con, tenant_id, tenant))
-
-
 def format_report(con, tenant: str, label: str | None = None) -> str:  # type: ignore[no-untyped-def]
     from ledger.money import format_usd
     from projections.reports import rejections_by_code, render_table, user_spend
@@ -351,9 +337,11 @@ def _demo_tenant(settings: Settings, name: str) -> tuple[str, str]:
     return tenant_id, key
 
 
+from ledger.cli.history import projections, report, simulate  # noqa: E402
 from ledger.cli.tiers import tiers  # noqa: E402
 
-cli.add_command(tiers)
+for command in (tiers, report, projections, simulate):
+    cli.add_command(command)
 
 if __name__ == "__main__":
     cli()

@@ -107,22 +107,30 @@ def test_an_existing_external_id_answers_409(api):
     assert acme.call("POST", "/users", json={"external_id": "u1"}).status_code == 409
 
 
-def test_isolation_scopes_and_keys(api, settings):
+def test_isolation_scopes_and_keys(api, settings, worker):
     a, b = new_tenant(api, "tenant-a"), new_tenant(api, "tenant-b")
     plan_id = a.call("POST", "/config/plans", content=SEED_PLANS_JSON).json()["plans"][0]["id"]
     user_id = a.call("POST", "/users", json={"external_id": "alice", "plan_id": plan_id}).json()["id"]
+    tier_id = a.call("POST", "/config/tiers", content=b'tier_code: t\ndisplay_name: T\nmodels: [gpt-4o]\n',
+                     headers=YAML).json()["tiers"][0]["id"]
     calls = [("GET", f"/config/plans/{plan_id}", None), ("PATCH", f"/config/plans/{plan_id}", PATCH_BODY),
-             ("GET", f"/users/{user_id}", None), ("POST", f"/users/{user_id}/subscription", {"plan_id": plan_id})]
+             ("GET", f"/users/{user_id}", None), ("POST", f"/users/{user_id}/subscription", {"plan_id": plan_id}),
+             ("GET", f"/config/tiers/{tier_id}", None), ("POST", f"/users/{user_id}/topups", {"amount": 5})]
     for method, path, body in calls:
         assert b.call(method, path, json=body).status_code == 404, (method, path)
         assert a.call(method, path, key=None, json=body).status_code == 401
         assert a.call(method, path, key="pg_live_not-a-real-key", json=body).status_code == 401
     assert b.call("GET", "/config/plans").json() == {"plans": []}
+    assert b.call("GET", "/config/tiers").json() == {"tiers": []}
+    # A check names the user in its body: under B's key, A's user is unknown (no plan), and nothing of A leaks.
+    blocked = b.call("POST", "/check", json={"user": "alice", "model": "gpt-4o-mini", "input_tokens": 10})
+    assert blocked.status_code == 402 and blocked.json()["dimension"] == "plan"
 
     _, store = api
     with store.session() as session:
         ingest_only = session.create_key(a.id, frozenset({Scope.ingest}))
-    for method, path, body in [("POST", "/config/plans", None), *calls[1:2], ("POST", "/users", {"external_id": "x"})]:
+    for method, path, body in [("POST", "/config/plans", None), *calls[1:2], ("POST", "/users", {"external_id": "x"}),
+                               *calls[5:6], ("POST", "/config/tiers", None)]:
         assert a.call(method, path, key=ingest_only, json=body).status_code == 403, (method, path)
 
     with store.session() as session:

@@ -174,3 +174,15 @@ def test_a_late_event_that_crosses_a_threshold_in_a_closed_period_is_reported_as
     assert correction.scope == f"period:{T0.isoformat()}" and led.account("u").period_tokens == {"gpt-4o-mini": 2000}
     assert ok(led.apply(usage("u", 6, at=T0 + timedelta(days=3)))).gates == ()   # one event per crossing
     assert led.account("u").blocks == {}                                        # a closed period blocks nothing
+
+
+def test_a_new_version_that_only_respells_a_threshold_raises_no_second_gate():
+    free = seed_plans()["free"]
+    respelled = msgspec.structs.replace(free, version=2, soft_gate_at=Decimal("0.8"), hard_gate_at=Decimal("1"))
+    led = ledger_with(free)
+    ok(led.apply(assigned("u", free)))
+    first = [ok(led.apply(usage("u", n, session="a"))) for n in range(1, 5)]      # 8,000 tokens on v1: soft
+    ok(led.apply(published(respelled)))
+    later = ok(led.apply(usage("u", 5, session="b")))                               # a v2 session: 10,000 tokens
+    assert kinds(first) == [("soft_warning", "model_tokens")]
+    assert kinds([later]) == [("hard_block", "model_tokens")]

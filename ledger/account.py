@@ -178,7 +178,7 @@ def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> D
     if isinstance(command, ToppedUp):
         return _top_up(account, command, plans)
     if isinstance(command, CheckRequested):
-        from ledger.admission import check
+        from ledger.admission import check  # admission builds on this module's state and helpers
 
         return check(account, command, plans)
     return _record_usage(account, command, plans)

@@ -171,3 +171,28 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(**connect_kwargs(maintenance), autocommit=True) as conn:  # type: ignore[arg-type]
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def replay_from_offset_0(source: Settings, home: Path, worker_factory) -> Settings:  # type: ignore[no-untyped-def]
+    """Copy the usage log into a fresh namespace and let a fresh worker process it from offset 0."""
+    from streams.topics import ensure_topics
+    from tests.kafka_io import copy_usage_log
+
+    replay = new_settings(source.bootstrap, home)
+    asyncio.run(ensure_topics(replay))
+    copy_usage_log(source, replay)
+    worker = worker_factory(replay).start()
+    wait_processed(replay, worker)
+    return replay
+
+
+def outputs(settings: Settings, name: str, *, as_namespace: str | None = None) -> dict[int, list[tuple[bytes | None, bytes]]]:
+    """Every record of one output topic, per partition; ``as_namespace`` spells the namespace as another's."""
+    from streams.topics import Topics
+    from tests.kafka_io import read_partitions
+
+    records = read_partitions(settings, getattr(Topics.for_namespace(settings.namespace), name))
+    if as_namespace is None:
+        return records
+    old, new = settings.namespace.encode(), as_namespace.encode()
+    return {p: [(k, v.replace(old, new)) for k, v in rows] for p, rows in records.items()}

@@ -115,9 +115,7 @@ def test_every_dimension_reset_and_unblock_path_on_the_real_broker(settings, wor
 
 def test_replaying_the_log_reproduces_every_gate_reset_reservation_and_correction(settings, worker_factory, tmp_path):
     from ledger.events import CheckRequested
-    from streams.topics import Topics, ensure_topics
-    from tests.conftest import new_settings
-    from tests.kafka_io import copy_usage_log, read_partitions
+    from tests.conftest import outputs, replay_from_offset_0
 
     checks = [CheckRequested(event_id=f"hold-{n}", request_id=f"req-{n}", tenant=TENANT, user="period", model="m",
                              input_tokens=10_000, reserve=True, occurred_at=T0 + timedelta(minutes=10 + n))
@@ -132,18 +130,10 @@ def test_replaying_the_log_reproduces_every_gate_reset_reservation_and_correctio
     wait_processed(settings, first)
     first.stop()
 
-    replay = new_settings(settings.bootstrap, tmp_path / "replay")
-    import asyncio
-    asyncio.run(ensure_topics(replay))
-    copy_usage_log(settings, replay)
-    second = worker_factory(replay).start()
-    wait_processed(replay, second)
+    replay = replay_from_offset_0(settings, tmp_path / "replay", worker_factory)
     kinds = {g.kind for g in gates(settings)}
     assert {"soft_warning", "hard_block", "unblocked"} <= kinds and any(g.correction for g in gates(settings))
     for name in ("entries", "gates", "rejected", "replies"):
-        original = read_partitions(settings, getattr(Topics.for_namespace(settings.namespace), name))
-        replayed = read_partitions(replay, getattr(Topics.for_namespace(replay.namespace), name))
-        # The copy lives in another topic: a dead letter names its source topic, so spell that back.
-        replayed = {p: [(k, v.replace(replay.namespace.encode(), settings.namespace.encode())) for k, v in rows]
-                    for p, rows in replayed.items()}
-        assert original == replayed and any(original.values()), name
+        # The copy lives in another topic, and a dead letter names its source topic: spell that back.
+        original = outputs(settings, name)
+        assert original == outputs(replay, name, as_namespace=settings.namespace) and any(original.values()), name

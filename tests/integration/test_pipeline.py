@@ -11,10 +11,9 @@ import pytest
 
 from ledger.settings import Settings
 from projections.projector import Projector, connect
-from streams.topics import Topics, ensure_topics
-from tests.conftest import new_settings, wait_processed
+from tests.conftest import outputs, replay_from_offset_0, wait_processed
 from tests.factories import T0, assigned, published, seed_plans, usage
-from tests.kafka_io import copy_usage_log, entries, gates, publish, publish_raw, read_partitions, rejections
+from tests.kafka_io import entries, gates, publish, publish_raw, rejections
 
 pytestmark = pytest.mark.integration
 
@@ -105,16 +104,9 @@ def test_a_fresh_worker_and_fresh_duckdb_replaying_the_log_reproduce_every_outpu
     wait_processed(settings, first)
     first.stop()
 
-    replay = new_settings(settings.bootstrap, tmp_path / "replay")
-    asyncio.run(ensure_topics(replay))
-    copy_usage_log(settings, replay)
-    second = worker_factory(replay).start()
-    wait_processed(replay, second)
-
+    replay = replay_from_offset_0(settings, tmp_path / "replay", worker_factory)
     for name in ("entries", "gates", "rejected"):
-        original = read_partitions(settings, getattr(Topics.for_namespace(settings.namespace), name))
-        replayed = read_partitions(replay, getattr(Topics.for_namespace(replay.namespace), name))
-        assert original == replayed, name
+        assert outputs(settings, name) == outputs(replay, name), name
     assert len(gates(settings)) > 10
 
     project(settings), project(replay)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 LOCAL_BROKER_PORT = 19092
@@ -32,7 +32,6 @@ class Settings:
     api_port: int = 18000
     # How often the leader worker writes a clock tick to every partition (0: never).
     tick_seconds: int = 60
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -240,7 +239,3 @@ def run_projector(settings: Settings) -> None:
     projector = Projector(settings)
     log.info("projecting %s into %s", settings.namespace, projector.path)
     asyncio.run(projector.run())
-
-
-def utc_now() -> datetime:  # only for display; nothing in the fold calls it
-    return datetime.now().astimezone()

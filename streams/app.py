@@ -124,7 +124,6 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
             partitions = app.consumer.topic_partitions(usage.get_topic_name()) or settings.partitions
             await asyncio.gather(*await _send(app, ((topics.usage, CLOCK_KEY, value, p) for p in range(partitions))))
 
-    app.ledger_totals = totals  # type: ignore[attr-defined]
     return app
 
 

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -235,12 +234,3 @@ async def _answers_metadata(bootstrap: str) -> bool:
         return False
     finally:
         await admin.close()
-
-
-def main() -> None:  # pragma: no cover - thin CLI shim for .ci/run
-    broker = LocalBroker(Path(os.environ.get("LEDGER_HOME", ".ledger")) / "kafka")
-    {"fetch": broker.fetch, "start": broker.start, "stop": broker.stop}[sys.argv[1]]()
-
-
-if __name__ == "__main__":
-    main()

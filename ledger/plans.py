@@ -20,6 +20,9 @@ GATE_RATIO_MAX = Decimal("10")
 PLAN_NAME_LENGTH_MAX = 64
 MODEL_NAME_LENGTH_MAX = 128
 PLANS_PER_FILE_MAX = 1000
+# Bounds that keep every price computable in 38 digits (a plan at 1e999999 priced nothing).
+AMOUNT_MAX = Decimal(1_000_000_000)
+MARKUP_MAX = Decimal(100)
 PLAN_NAMESPACE = uuid.UUID("6b0f7c1e-8a55-4d55-9a43-2f1d4a8f0c11")
 
 # msgspec cannot bound a Decimal; _check_amounts does, naming the field.
@@ -148,8 +151,8 @@ def _check_amounts(spec: PlanSpec, config: PlansConfig) -> None:
         amounts += [(f"cost_rates.{model}.input", rate.input), (f"cost_rates.{model}.output", rate.output)]
     amounts += [(f"tool_costs.{tool}", cost) for tool, cost in spec.tool_costs.items()]
     for field, value in amounts:
-        if value is not None and (not value.is_finite() or value < 0):
-            raise PlanError(f"{where}: {field} must be a non-negative number, got {value}")
+        if value is not None and (not value.is_finite() or not 0 <= value <= AMOUNT_MAX):
+            raise PlanError(f"{where}: {field} must be a number from 0 to {AMOUNT_MAX}, got {value}")
     ratios = [("soft_gate_at", spec.soft_gate_at), ("hard_gate_at", spec.hard_gate_at),
               ("soft_gate_at (global)", config.soft_gate_at), ("hard_gate_at (global)", config.hard_gate_at)]
     for field, ratio in ratios:
@@ -157,8 +160,8 @@ def _check_amounts(spec: PlanSpec, config: PlansConfig) -> None:
             raise PlanError(f"{where}: {field} must be above 0 and at most {GATE_RATIO_MAX}, got {ratio}")
     if not (spec.session_timeout_minutes.is_finite() and spec.session_timeout_minutes > 0):
         raise PlanError(f"{where}: session_timeout_minutes must be positive")
-    if not (spec.markup.is_finite() and spec.markup > 0):
-        raise PlanError(f"{where}: markup must be positive")
+    if not (spec.markup.is_finite() and 0 < spec.markup <= MARKUP_MAX):
+        raise PlanError(f"{where}: markup must be above 0 and at most {MARKUP_MAX}")
 
 
 def plans_from_config(config: PlansConfig, tenant: str) -> list[Plan]:

@@ -38,6 +38,8 @@ def test_a_plan_overrides_the_global_thresholds():
     (b'{"plans": [{"name": "a", "cost_rates": {"m": {"input": -1, "output": 1}}}]}', "cost_rates.m.input"),
     (b'{"plans": [{"name": "a", "model_limits": {"m": {"max_tokens_per_period": 5}}}]}', "no cost rate"),
     (b'{"plans": [{"name": "a", "max_spend_per_period": -3}]}', "max_spend_per_period"),
+    (b'{"plans": [{"name": "a", "max_spend_per_period": 1e999999}]}', "max_spend_per_period"),
+    (b'{"plans": [{"name": "a", "markup": 1e999999}]}', "markup"),
     (b'{"plans": [{"name": "a", "colour": "red"}]}', "colour"),
     (b'{"plans": [{"name": "a"}, {"name": "a"}]}', "unique"),
     (b'{"plans": [{"name": "a", "soft_gate_at": 0}]}', "soft_gate_at"),

@@ -351,13 +351,10 @@ def _lift_blocks(account: Account, plan: Plan, cause: AnyCommand | _Cause,
         if keep(block):
             continue
         del account.blocks[key]
-        gates.append(GateEvent(
-            gate_id=_gate_id(account, block.scope, f"{key}:unblocked:{_canonical(block.threshold)}"),
-            tenant=account.tenant, user=account.user, kind="unblocked", dimension=block.dimension,  # type: ignore[arg-type]
-            model=block.model, threshold=block.threshold, used=_used(account, block.dimension, block.model),
-            limit=block.limit, scope=block.scope, plan_id=plan.plan_id, plan_version=plan.version,
-            cause_event_id=cause.event_id, occurred_at=cause.occurred_at,
-        ))
+        gates.append(_gate(account, plan, cause, kind="unblocked", dimension=block.dimension, model=block.model,
+                           threshold=block.threshold, used=_used(account, block.dimension, block.model),
+                           limit=block.limit, scope=block.scope,
+                           key=f"{key}:unblocked:{_canonical(block.threshold)}"))
     return tuple(gates)
 
 
@@ -443,29 +440,44 @@ def _crossings(account: Account, session: SessionState, plan: Plan,
     ]
     gates = []
     for dimension, model, used, limit, crossed, per_session in dimensions:
-        if not limit:  # None or 0: unlimited
-            continue
-        for kind, ratio in (("soft_warning", plan.soft_gate_at), ("hard_block", plan.hard_gate_at)):
-            threshold = ratio * limit
-            if used < threshold:
-                continue
-            key = f"{dimension}:{model or ''}:{kind}:{_canonical(threshold)}"
-            if key in crossed:
-                continue
-            crossed.append(key)
+        for kind, threshold, key in _newly_crossed(plan, dimension, model, used, limit, crossed):
+            assert limit is not None
             scope = session.scope if per_session else f"period:{account.period_start.isoformat()}"
             if kind == "hard_block" and dimension in PERIOD_DIMENSIONS:
                 account.blocks[f"{dimension}:{model or ''}"] = Block(
                     dimension=dimension, model=model, scope=scope, threshold=threshold, limit=limit,
                     plan_id=plan.plan_id, plan_version=plan.version)
-            gates.append(GateEvent(
-                gate_id=_gate_id(account, scope, key),
-                tenant=account.tenant, user=account.user, kind=kind, dimension=dimension,  # type: ignore[arg-type]
-                model=model, threshold=threshold, used=used, limit=limit, scope=scope,
-                plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
-                occurred_at=command.occurred_at,
-            ))
+            gates.append(_gate(account, plan, command, kind=kind, dimension=dimension, model=model,
+                               threshold=threshold, used=used, limit=limit, scope=scope, key=key))
     return gates
+
+
+def _newly_crossed(plan: Plan, dimension: str, model: str | None, used: Decimal, limit: Decimal | None,
+                   crossed: list[str]) -> list[tuple[str, Decimal, str]]:
+    """(kind, threshold, key) of each threshold ``used`` reaches for the first time; remembered in ``crossed``."""
+    if not limit:  # None or 0: unlimited
+        return []
+    found = []
+    for kind, ratio in (("soft_warning", plan.soft_gate_at), ("hard_block", plan.hard_gate_at)):
+        threshold = ratio * limit
+        if used < threshold:
+            continue
+        key = f"{dimension}:{model or ''}:{kind}:{_canonical(threshold)}"
+        if key in crossed:
+            continue
+        crossed.append(key)
+        found.append((kind, threshold, key))
+    return found
+
+
+def _gate(account: Account, plan: Plan, cause: AnyCommand | _Cause, *, kind: str, dimension: str, model: str | None,
+          threshold: Decimal, used: Decimal, limit: Decimal, scope: str, key: str, correction: bool = False) -> GateEvent:
+    return GateEvent(
+        gate_id=_gate_id(account, scope, key), tenant=account.tenant, user=account.user,
+        kind=kind, dimension=dimension, model=model,  # type: ignore[arg-type]
+        threshold=threshold, used=used, limit=limit, scope=scope, plan_id=plan.plan_id, plan_version=plan.version,
+        cause_event_id=cause.event_id, occurred_at=cause.occurred_at, correction=correction,
+    )
 
 
 def _late_corrections(account: Account, plan: Plan, command: UsageRecorded, cost: Decimal, tokens: int,
@@ -483,20 +495,10 @@ def _late_corrections(account: Account, plan: Plan, command: UsageRecorded, cost
             ("period_spend", None, closed.spend, plan.max_spend_per_period),
             ("model_tokens", command.model, Decimal(closed.tokens[command.model]),
              Decimal(model_limit.max_tokens_per_period) if model_limit else None)):
-        if not limit:
-            continue
-        for kind, ratio in (("soft_warning", plan.soft_gate_at), ("hard_block", plan.hard_gate_at)):
-            threshold = ratio * limit
-            key = f"{dimension}:{model or ''}:{kind}:{_canonical(threshold)}"
-            if used < threshold or key in closed.crossed:
-                continue
-            closed.crossed.append(key)
-            gates.append(GateEvent(
-                gate_id=_gate_id(account, scope, key), tenant=account.tenant, user=account.user, kind=kind,  # type: ignore[arg-type]
-                dimension=dimension, model=model, threshold=threshold, used=used, limit=limit,  # type: ignore[arg-type]
-                scope=scope, plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
-                occurred_at=command.occurred_at, correction=True,
-            ))
+        for kind, threshold, key in _newly_crossed(plan, dimension, model, used, limit, closed.crossed):
+            assert limit is not None
+            gates.append(_gate(account, plan, command, kind=kind, dimension=dimension, model=model, threshold=threshold,
+                               used=used, limit=limit, scope=scope, key=key, correction=True))
     return gates
 
 
@@ -509,12 +511,8 @@ def _balance_gates(account: Account, plan: Plan, command: UsageRecorded) -> list
     scope = f"balance:{account.topups}"
     account.blocks[BALANCE] = Block(dimension="balance", model=None, scope=scope, threshold=ZERO, limit=ZERO,
                                        plan_id=plan.plan_id, plan_version=plan.version)
-    return [GateEvent(
-        gate_id=_gate_id(account, scope, key), tenant=account.tenant, user=account.user, kind="hard_block",
-        dimension="balance", model=None, threshold=ZERO, used=account.balance, limit=ZERO, scope=scope,
-        plan_id=plan.plan_id, plan_version=plan.version, cause_event_id=command.event_id,
-        occurred_at=command.occurred_at,
-    )]
+    return [_gate(account, plan, command, kind="hard_block", dimension="balance", model=None, threshold=ZERO,
+                  used=account.balance, limit=ZERO, scope=scope, key=key)]
 
 
 def _entry(account: Account, command: UsageRecorded, session: SessionState, plan: Plan, cost: Decimal,

@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
@@ -66,5 +66,4 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return PlainJSONResponse({"detail": "internal error"}, status_code=500)
 
-    _ = HTTPException  # FastAPI's own handler renders these as {"detail": message}
     return app

@@ -212,7 +212,7 @@ def _assign_plan(account: Account | None, command: PlanAssigned, plans: PlanLook
         account.period_start = account.period_end = None
     account.plan_id = command.plan_id
     account.anchor = command.period_start
-    _remember(account, command)
+    remember(account, command)
     # An upgrade may lift a limit the user is blocked on.
     gates = _lift_blocks(account, history.newest, command, lambda block: _still_blocked(account, history.newest, block))
     return Decision(result=Result.ok, account=account, gates=gates)
@@ -221,18 +221,26 @@ def _assign_plan(account: Account | None, command: PlanAssigned, plans: PlanLook
 def _top_up(account: Account | None, command: ToppedUp, plans: PlanLookup) -> Decision:
     if account is None or account.plan_id is None:
         return reject("no_plan", f"user {command.user} has no plan: assign one before topping up")
-    if not command.amount.is_finite() or not ZERO < command.amount <= TOPUP_AMOUNT_MAX:
-        return reject("invalid_amount", f"amount must be above 0 and at most {TOPUP_AMOUNT_MAX}, got {command.amount}")
+    problem = top_up_problem(command.amount)
+    if problem is not None:
+        return reject("invalid_amount", problem)
     history = plans(command.tenant, account.plan_id)
     assert history is not None
     account.balance = add(account.balance, money(command.amount))
-    _remember(account, command)
+    remember(account, command)
     gates = _lift_blocks(account, history.newest, command,
                          lambda block: block.dimension != "balance" or account.balance <= ZERO)
     if BALANCE not in account.blocks:
         account.topups += 1  # a new balance scope: the next time it runs out is a new crossing
         account.crossed = [key for key in account.crossed if not key.startswith(BALANCE)]
     return Decision(result=Result.ok, account=account, gates=gates)
+
+
+def top_up_problem(amount: Decimal) -> str | None:
+    """Why ``amount`` cannot be topped up, or None when it can."""
+    if not amount.is_finite() or not ZERO < amount <= TOPUP_AMOUNT_MAX:
+        return f"amount must be above 0 and at most {TOPUP_AMOUNT_MAX}, got {amount}"
+    return None
 
 
 def _tick(account: Account | None, command: ClockTicked, plans: PlanLookup) -> Decision:
@@ -242,11 +250,11 @@ def _tick(account: Account | None, command: ClockTicked, plans: PlanLookup) -> D
     history = plans(account.tenant, account.plan_id)
     assert history is not None
     at = command.occurred_at
-    expired = _expire_reservations(account, at)
+    expired = expire_reservations(account, at)
     if account.period_end is None or at < account.period_end:
         # Most ticks change nothing: say so, and the processor stores nothing.
         return Decision(result=Result.ok, account=account if expired else None)
-    return Decision(result=Result.ok, account=account, gates=_roll_period(account, history.newest, at, command.event_id))
+    return Decision(result=Result.ok, account=account, gates=roll_period(account, history.newest, at, command.event_id))
 
 
 def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLookup) -> Decision:
@@ -264,7 +272,7 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     late = account.period_start is not None and period_start < account.period_start
 
     session = account.sessions.get(command.session_id)
-    new_session = session is None or session_expired(session.last_at, at, _timeout(history.versions[session.plan_version]))
+    new_session = session is None or session_expired(session.last_at, at, session_timeout(history.versions[session.plan_version]))
     if new_session:
         session = SessionState(session_id=command.session_id, started_at=at, last_at=at,
                                plan_version=newest.version)
@@ -278,10 +286,10 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     # Every check passed: from here on the account is updated.
     tokens = command.input_tokens + command.output_tokens
     account.seq += 1
-    _remember(account, command)
+    remember(account, command)
     if command.reservation_id is not None:
         account.reservations.pop(command.reservation_id, None)
-    _expire_reservations(account, at)
+    expire_reservations(account, at)
     if plan.billing_mode == "paygo":
         account.balance = add(account.balance, -cost)
     if late:
@@ -296,7 +304,7 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
 
     gates: list[GateEvent] = []
     if account.period_start != period_start:
-        gates += _roll_period(account, newest, at, command.event_id)
+        gates += roll_period(account, newest, at, command.event_id)
     account.period_spend = add(account.period_spend, cost)
     account.period_tokens[command.model] = account.period_tokens.get(command.model, 0) + tokens
     session.spend = add(session.spend, cost)
@@ -321,7 +329,7 @@ def current_period(account: Account, plan: Plan, at: datetime) -> tuple[datetime
     return billing_period(account.anchor, plan.period_interval, plan.trial_days, at)
 
 
-def _roll_period(account: Account, plan: Plan, at: datetime, cause_event_id: str) -> tuple[GateEvent, ...]:
+def roll_period(account: Account, plan: Plan, at: datetime, cause_event_id: str) -> tuple[GateEvent, ...]:
     """Enter the period containing ``at``: spend and tokens reset, period blocks are lifted."""
     was_set = account.period_start is not None
     if account.period_start is not None:
@@ -384,14 +392,14 @@ def _used(account: Account, dimension: str, model: str | None) -> Decimal:
     return account.period_spend
 
 
-def _expire_reservations(account: Account, at: datetime) -> int:
+def expire_reservations(account: Account, at: datetime) -> int:
     expired = [rid for rid, r in account.reservations.items() if r.expires_at <= at]
     for rid in expired:
         del account.reservations[rid]
     return len(expired)
 
 
-def _timeout(plan: Plan) -> timedelta:
+def session_timeout(plan: Plan) -> timedelta:
     return _minutes(plan.session_timeout_minutes)
 
 
@@ -400,7 +408,7 @@ def _minutes(minutes: Decimal) -> timedelta:
     return timedelta(minutes=float(minutes))
 
 
-def _remember(account: Account, command: UserCommand) -> None:
+def remember(account: Account, command: UserCommand) -> None:
     account.seen[command.event_id] = payload_digest(command)
     while len(account.seen) > DEDUP_WINDOW_EVENTS_PER_USER:
         del account.seen[next(iter(account.seen))]
@@ -410,7 +418,7 @@ def _prune_sessions(account: Account, at: datetime, history: PlanHistory) -> Non
     """Forget sessions that have ended by event time, and bound the rest."""
     sessions = account.sessions
     ended = [sid for sid, s in sessions.items()
-             if session_expired(s.last_at, at, _timeout(history.versions[s.plan_version]))]
+             if session_expired(s.last_at, at, session_timeout(history.versions[s.plan_version]))]
     for sid in ended:
         del sessions[sid]
     if len(sessions) > OPEN_SESSIONS_PER_USER_MAX:

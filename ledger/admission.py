@@ -24,12 +24,12 @@ from ledger.account import (
     PlanLookup,
     Reservation,
     Result,
-    _expire_reservations,
-    _remember,
-    _roll_period,
-    _timeout,
     current_period,
+    expire_reservations,
     limit_of,
+    remember,
+    roll_period,
+    session_timeout,
 )
 from ledger.events import CheckAnswer, CheckRequested, GateEvent
 from ledger.money import ZERO
@@ -54,7 +54,7 @@ def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -
                                                        dimension="plan"))
     newest = history.newest
     session = account.sessions.get(command.session_id)
-    if session is not None and session_expired(session.last_at, at, _timeout(history.versions[session.plan_version])):
+    if session is not None and session_expired(session.last_at, at, session_timeout(history.versions[session.plan_version])):
         session = None
     plan = history.versions[session.plan_version] if session else newest
     if not plan.allows(command.model):
@@ -70,12 +70,12 @@ def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -
     tokens = input_tokens + output_tokens
 
     # Keep the account current in event time before judging (this may lift blocks).
-    _remember(account, command)
-    _expire_reservations(account, at)
+    remember(account, command)
+    expire_reservations(account, at)
     gates: tuple[GateEvent, ...] = ()
     period_start, _ = current_period(account, newest, at)
     if account.period_start is None or period_start > account.period_start:
-        gates = _roll_period(account, newest, at, command.event_id)
+        gates = roll_period(account, newest, at, command.event_id)
 
     held = list(account.reservations.values())
     held_cost = sum((r.cost for r in held), ZERO)

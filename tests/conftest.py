@@ -32,9 +32,37 @@ def bootstrap() -> str:
     return broker.bootstrap
 
 
+_namespaces: set[str] = set()
+
+
 def new_settings(bootstrap: str, home: Path, partitions: int = 8) -> Settings:
-    return Settings(home=home, external_bootstrap=bootstrap, namespace=f"t{uuid.uuid4().hex[:12]}",
-                    partitions=partitions)
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    _namespaces.add(namespace)
+    return Settings(home=home, external_bootstrap=bootstrap, namespace=namespace, partitions=partitions)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_test_topics() -> Iterator[None]:
+    """Each test's namespace adds ~56 partitions; a broker that keeps them all runs out of file handles."""
+    yield
+    if not _namespaces:
+        return
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            ours = [t for t in await admin.list_topics()
+                    if any(t.startswith((f"{ns}.", f"{ns}-")) for ns in _namespaces)]
+            for start in range(0, len(ours), 100):
+                await admin.delete_topics(ours[start:start + 100])
+        finally:
+            await admin.close()
+
+    asyncio.run(delete())
 
 
 @pytest.fixture

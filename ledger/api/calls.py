@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 
+from ledger.account import top_up_problem
 from ledger.api.auth import require
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
@@ -67,8 +68,9 @@ async def check(request: Request, who: Principal = Depends(require(Scope.ingest,
              status_code=202, summary="Add to a pay-as-you-go user's prepaid balance")
 async def top_up(user_id: str, request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
     body = decode(await read_body(request), TopUpBody)
-    if not body.amount.is_finite() or body.amount <= 0 or body.amount > 1_000_000:
-        raise HTTPException(422, "amount: must be above 0 and at most 1000000")
+    problem = top_up_problem(body.amount)
+    if problem is not None:  # the processor would refuse it too; say so now, with a 422
+        raise HTTPException(422, f"amount: {problem}")
     with request.app.state.store.session() as session:
         user = session.user(who.tenant_id, user_id)
     if user is None:

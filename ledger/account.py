@@ -31,6 +31,8 @@ from ledger.events import (
     LedgerEntry,
     PlanAssigned,
     PlanPublished,
+    SpendAnswer,
+    SpendQueried,
     ToppedUp,
     UsageRecorded,
     UserCommand,
@@ -146,7 +148,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     plan_history: PlanHistory | None = None
     entry: LedgerEntry | None = None
     gates: tuple[GateEvent, ...] = ()
-    reply: CheckAnswer | None = None
+    reply: CheckAnswer | SpendAnswer | None = None
     code: str = ""
     reason: str = ""
 
@@ -164,6 +166,10 @@ def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> D
         return _publish_plan(plans(command.tenant, command.plan.plan_id), command)
     if isinstance(command, ClockTicked):
         return _tick(account, command, plans)
+    if isinstance(command, SpendQueried):
+        from ledger.spend import spend  # read-only, and never remembered: asking twice is not a duplicate
+
+        return spend(account, command, plans)
     if account is not None:
         seen = account.seen.get(command.event_id)
         if seen is not None:

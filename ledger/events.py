@@ -87,6 +87,17 @@ class CheckRequested(Command, frozen=True, tag="check"):
     ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 600
 
 
+class SpendQueried(Command, frozen=True, tag="spend"):
+    """What has ``user`` spent, and how close are they to each limit? Read-only: it changes no state.
+
+    Asked in the user's partition, so the answer includes every command written there before it.
+    The answer goes to the replies topic under ``request_id``.
+    """
+
+    user: Name
+    request_id: EventId
+
+
 class ClockTicked(msgspec.Struct, frozen=True, tag="tick", tag_field="type", kw_only=True, forbid_unknown_fields=True):
     """Time passed (written to every partition), so periods end even without traffic."""
 
@@ -101,8 +112,8 @@ class PlanPublished(Command, frozen=True, tag="plan_published"):
     plan: Plan
 
 
-AnyCommand = UsageRecorded | PlanAssigned | PlanPublished | ToppedUp | CheckRequested | ClockTicked
-UserCommand = UsageRecorded | PlanAssigned | ToppedUp | CheckRequested
+AnyCommand = UsageRecorded | PlanAssigned | PlanPublished | ToppedUp | CheckRequested | SpendQueried | ClockTicked
+UserCommand = UsageRecorded | PlanAssigned | ToppedUp | CheckRequested | SpendQueried
 
 
 def user_key(tenant: str, user: str) -> str:
@@ -203,4 +214,51 @@ class CheckAnswer(msgspec.Struct, frozen=True, kw_only=True):
     # Remaining headroom per limited dimension after this call, e.g. {"period_spend": "4.25"}.
     remaining: dict[str, Decimal] = {}
     estimate_cost: Decimal | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+LimitStatus = Literal["ok", "warning", "blocked"]
+
+
+class LimitUse(msgspec.Struct, frozen=True, kw_only=True):
+    """One limited dimension: what is used of it now and what is left before its hard threshold."""
+
+    dimension: Dimension
+    model: str | None
+    scope: str
+    limit: Decimal
+    soft_threshold: Decimal
+    hard_threshold: Decimal
+    used: Decimal
+    remaining: Decimal
+    status: LimitStatus
+
+
+class SessionSpend(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    started_at: datetime
+    spend: Decimal
+
+
+class SpendAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """A user's live spend, from the processor's state as of ``as_of`` (the question's time)."""
+
+    request_id: str
+    tenant: str
+    user: str
+    status: Literal["ok", "warning", "blocked", "no_plan"]
+    as_of: datetime
+    plan_id: str | None = None
+    plan_name: str | None = None
+    plan_version: int | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    period_spend: Decimal | None = None
+    sessions: list[SessionSpend] = []
+    model_tokens: dict[str, int] = {}
+    limits: list[LimitUse] = []
+    # Pay-as-you-go only: the prepaid balance left.
+    balance: Decimal | None = None
+    # Estimates held by open reservations, not yet spent.
+    reserved: Decimal | None = None
     schema_version: int = SCHEMA_VERSION

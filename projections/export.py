@@ -49,8 +49,8 @@ def _display(column: str, value: Any) -> str:
 def to_table(report: Report) -> str:
     rows = [[_display(c, v) for c, v in zip(report.columns, row, strict=True)] for row in report.rows]
     out = [report.title, "", render_table(list(report.columns), rows)]
-    if report.next_offset is not None:
-        out += ["", f"more rows: --offset {report.next_offset}"]
+    if report.next_cursor is not None:
+        out += ["", f"more rows: --after {report.next_cursor}"]
     return "\n".join(out)
 
 
@@ -66,8 +66,8 @@ def to_json(report: Report) -> str:
     rows = [{c: (None if v is None else v if isinstance(v, bool | int) and not isinstance(v, Decimal) else _text(v))
              for c, v in zip(report.columns, row, strict=True)} for row in report.rows]
     body: dict[str, Any] = {"title": report.title, "columns": list(report.columns), "rows": rows}
-    if report.next_offset is not None:
-        body["next_offset"] = report.next_offset
+    if report.next_cursor is not None:
+        body["next_cursor"] = report.next_cursor
     return json.dumps(body, indent=2)
 
 

@@ -5,9 +5,12 @@ Queries return plain rows (money as ``Decimal``); formatting for people or files
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +87,9 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
 # sums; any division is done in Python with Decimal (DuckDB divides decimals as doubles).
 
 HISTORY_ROWS_MAX = 10_000
+# The range a query covers when it leaves an end open.
+ALL_TIME_START = datetime(1970, 1, 1, tzinfo=UTC)
+ALL_TIME_END = datetime(2100, 1, 1, tzinfo=UTC)
 TOP_USERS_MAX = 1_000
 
 HistoryGrouping = Literal["day", "model", "session", "plan_version"]
@@ -92,7 +98,7 @@ HistoryGrouping = Literal["day", "model", "session", "plan_version"]
 UTC_DAY_SQL = "DATE '1970-01-01' + CAST(epoch_us(occurred_at) // 86400000000 AS INTEGER)"
 _HISTORY_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
     # name -> (output key columns, SQL expression list); days are UTC calendar days.
-    "day": (("day",), UTC_DAY_SQL),
+    "day": (("day",), f"{UTC_DAY_SQL} AS day"),
     "model": (("model",), "model"),
     "session": (("session_id", "session_started_at"), "session_id, session_started_at"),
     "plan_version": (("plan_name", "plan_version"), "plan_name, plan_version"),
@@ -109,11 +115,16 @@ class Report:
     title: str
     columns: tuple[str, ...]
     rows: list[tuple[Any, ...]]
-    # Set by paginated reports: the offset of the next page, None on the last one.
-    next_offset: int | None = None
+    # Set by paginated reports: the cursor of the next page, None on the last one.
+    next_cursor: str | None = None
 
     def dicts(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+
+def span(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
+    """The ``start``/``end`` keywords of a report; an open end covers all time."""
+    return {"start": start or ALL_TIME_START, "end": end or ALL_TIME_END}
 
 
 def open_history(path: Path) -> duckdb.DuckDBPyConnection:
@@ -126,24 +137,63 @@ def open_history(path: Path) -> duckdb.DuckDBPyConnection:
 
 
 def user_history(con: duckdb.DuckDBPyConnection, tenant: str, user: str, *, start: datetime, end: datetime,
-                 by: HistoryGrouping = "day", limit: int = 100, offset: int = 0) -> Report:
-    """One user's spend over [start, end), grouped by day, model, session or plan version, one page at a time."""
+                 by: HistoryGrouping = "day", limit: int = 100, after: str | None = None) -> Report:
+    """One user's spend over [start, end), grouped by day, model, session or plan version, one page at a time.
+
+    Pages are keyset-paginated on the group keys: ``after`` is the previous page's ``next_cursor``, so a page
+    costs the same wherever it is and rows written between two pages never shift one.
+    """
     if by not in _HISTORY_KEYS:
         raise ValueError(f"group by one of {', '.join(_HISTORY_KEYS)}, not {by!r}")
-    if not 1 <= limit <= HISTORY_ROWS_MAX or offset < 0:
-        raise ValueError(f"limit must be 1..{HISTORY_ROWS_MAX} and offset >= 0")
+    if not 1 <= limit <= HISTORY_ROWS_MAX:
+        raise ValueError(f"limit must be 1..{HISTORY_ROWS_MAX}")
     keys, expression = _HISTORY_KEYS[by]
+    key_row = f"({', '.join(keys)}{',' if len(keys) == 1 else ''})"
+    bound = _cursor_values(after, by) if after is not None else None
+    after_sql = f"WHERE {key_row} > ({', '.join(f'$k{i}' for i in range(len(keys)))}{',' if len(keys) == 1 else ''})" \
+        if bound is not None else ""
     rows = con.execute(
-        f"""SELECT {expression}, {_SUMS}, min(occurred_at) AS first_at, max(occurred_at) AS last_at
-            FROM ledger_entries
-            WHERE tenant = $tenant AND user_id = $user AND occurred_at >= $start AND occurred_at < $end
-            GROUP BY ALL ORDER BY ALL LIMIT $limit OFFSET $offset""",
-        {"tenant": tenant, "user": user, "start": start, "end": end, "limit": limit + 1, "offset": offset},
+        f"""SELECT * FROM (
+                SELECT {expression}, {_SUMS}, min(occurred_at) AS first_at, max(occurred_at) AS last_at
+                FROM ledger_entries
+                WHERE tenant = $tenant AND user_id = $user AND occurred_at >= $start AND occurred_at < $end
+                GROUP BY ALL) {after_sql}
+            ORDER BY ALL LIMIT $limit""",
+        {"tenant": tenant, "user": user, "start": start, "end": end, "limit": limit + 1,
+         **{f"k{i}": value for i, value in enumerate(bound or ())}},
     ).fetchall()
     more = len(rows) > limit
+    page = rows[:limit]
     return Report(f"History of {user} by {by.replace('_', ' ')}, {_span(start, end)}",
-                  (*keys, *_SUM_COLUMNS, "first_at", "last_at"), rows[:limit],
-                  next_offset=offset + limit if more else None)
+                  (*keys, *_SUM_COLUMNS, "first_at", "last_at"), page,
+                  next_cursor=_cursor(by, page[-1][:len(keys)]) if more else None)
+
+
+def _cursor(by: str, keys: tuple[Any, ...]) -> str:
+    """An opaque page cursor: the grouping and the last row's keys, as URL-safe base64 of JSON."""
+    return base64.urlsafe_b64encode(json.dumps([by, *(_plain(k) for k in keys)]).encode()).decode().rstrip("=")
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, date) else value
+
+
+def _cursor_values(cursor: str, by: str) -> tuple[Any, ...]:
+    """The keys a cursor holds, typed for the grouping; ValueError for anything else."""
+    try:
+        found = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(found, list) or found[0] != by or len(found) != len(_HISTORY_KEYS[by][0]) + 1:
+            raise ValueError
+        values = found[1:]
+        if by == "day":
+            return (date.fromisoformat(values[0]),)
+        if by == "model":
+            return (str(values[0]),)
+        if by == "session":
+            return str(values[0]), datetime.fromisoformat(values[1])
+        return str(values[0]), int(values[1])
+    except (ValueError, TypeError, IndexError, binascii.Error, UnicodeDecodeError):
+        raise ValueError(f"cursor {cursor[:40]!r} is not a cursor of a history grouped by {by}") from None
 
 
 def spend_by_day_and_model(con: duckdb.DuckDBPyConnection, tenant: str, *, start: datetime, end: datetime) -> Report:

@@ -1,23 +1,31 @@
-"""Answers from the processor to the API: checks are decided in the user's partition,
-and their answers come back on the replies topic, matched by request id."""
+"""Answers from the processor to the API: checks and spend queries are decided in the user's
+partition, and their answers come back on the replies topic, matched by request id."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ledger.events import CheckAnswer
 from ledger.settings import Settings
 from streams.topics import Topics, partitions_of
 
 log = logging.getLogger(__name__)
 PENDING_MAX = 10_000
+A = TypeVar("A", bound=msgspec.Struct)
 
-_decoder = msgspec.json.Decoder(CheckAnswer)
+
+class _Head(msgspec.Struct):
+    """Every answer carries the request id; the waiter for that request knows the answer's type."""
+
+    request_id: str
+
+
+_head = msgspec.json.Decoder(_Head)
 
 
 class ReplyWaiter:
@@ -26,7 +34,7 @@ class ReplyWaiter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topic = Topics.for_namespace(settings.namespace).replies
-        self._pending: dict[str, asyncio.Future[CheckAnswer]] = {}
+        self._pending: dict[str, tuple[type[Any], asyncio.Future[Any]]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -50,12 +58,12 @@ class ReplyWaiter:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    def expect(self, request_id: str) -> asyncio.Future[CheckAnswer]:
-        """Register interest before the request is sent."""
+    def expect(self, request_id: str, kind: type[A]) -> asyncio.Future[A]:
+        """Register interest before the request is sent; the answer is decoded as ``kind``."""
         if len(self._pending) >= PENDING_MAX:
-            raise OverflowError(f"more than {PENDING_MAX} checks are waiting for an answer")
-        future: asyncio.Future[CheckAnswer] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+            raise OverflowError(f"more than {PENDING_MAX} requests are waiting for an answer")
+        future: asyncio.Future[A] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (kind, future)
         return future
 
     def forget(self, request_id: str) -> None:
@@ -68,10 +76,14 @@ class ReplyWaiter:
             for records in batch.values():
                 for record in records:
                     try:
-                        answer = _decoder.decode(record.value)
+                        request_id = _head.decode(record.value).request_id
                     except msgspec.DecodeError:
                         log.warning("undecodable reply at %s", record.offset)
                         continue
-                    future = self._pending.pop(answer.request_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(answer)
+                    kind, future = self._pending.pop(request_id, (None, None))
+                    if future is None or future.done():
+                        continue
+                    try:
+                        future.set_result(msgspec.json.decode(record.value, type=kind))
+                    except msgspec.DecodeError as exc:  # the waiter learns now, not at its timeout
+                        future.set_exception(exc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,14 +11,14 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.account import top_up_problem
+from ledger.api.ask import ask
 from ledger.api.auth import require
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
 from ledger.control.store import Principal
-from ledger.events import DEFAULT_SESSION, CheckRequested, Name, Tokens, ToppedUp
+from ledger.events import DEFAULT_SESSION, CheckAnswer, CheckRequested, Name, Tokens, ToppedUp
 
 router = APIRouter(tags=["calls"])
-CHECK_TIMEOUT_S = 10.0
 
 
 class CheckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -41,23 +40,12 @@ class TopUpBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
              summary="May this user make this call? allow / warn (200) or block (402); reserve to hold the estimate")
 async def check(request: Request, who: Principal = Depends(require(Scope.ingest, Scope.admin))) -> JSONResponse:
     body = decode(await read_body(request), CheckBody)
-    state = request.app.state
     request_id = str(uuid.uuid4())
     command = CheckRequested(
         event_id=str(uuid.uuid4()), request_id=request_id, tenant=who.tenant_id, user=body.user, model=body.model,
         session_id=body.session_id, input_tokens=body.input_tokens, output_tokens=body.output_tokens,
         reserve=body.reserve, ttl_seconds=body.ttl_seconds, occurred_at=datetime.now(UTC))
-    try:
-        answer_future = state.replies.expect(request_id)
-    except OverflowError as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
-    try:
-        await state.log.publish([command])
-        answer = await asyncio.wait_for(answer_future, CHECK_TIMEOUT_S)
-    except TimeoutError:
-        raise HTTPException(504, f"the ledger did not answer within {CHECK_TIMEOUT_S:.0f}s") from None
-    finally:
-        state.replies.forget(request_id)
+    answer = await ask(request, command, CheckAnswer)
     document: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(Decimal,))
     for internal in ("request_id", "tenant", "schema_version"):
         document.pop(internal)

@@ -17,9 +17,6 @@ import click
 
 from ledger.settings import Settings
 
-ALL_TIME_START = datetime(1970, 1, 1, tzinfo=UTC)
-ALL_TIME_END = datetime(2100, 1, 1, tzinfo=UTC)
-
 
 class Instant(click.ParamType):
     """A date or an ISO 8601 time; without a zone it is UTC."""
@@ -100,7 +97,9 @@ def _emit(report: Any, fmt: str, output: Path | None) -> None:
 
 
 def _range(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
-    return {"start": start or ALL_TIME_START, "end": end or ALL_TIME_END}
+    from projections.reports import span
+
+    return span(start, end)
 
 
 # -- ledger report ----------------------------------------------------------------------------------------------------
@@ -134,16 +133,20 @@ def report(ctx: click.Context, tenant: str) -> None:
 @_common
 @click.option("--by", type=click.Choice(["day", "model", "session", "plan_version"]), default="day", show_default=True)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
-@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--after", default=None, help="The cursor a previous page printed: the page after it.")
 def history_command(user: str, tenant: str, start: datetime | None, end: datetime | None, fmt: str,
-                    output: Path | None, by: str, limit: int, offset: int) -> None:
+                    output: Path | None, by: str, limit: int, after: str | None) -> None:
     """USER's spend over a range, grouped by day, model, session or plan version (paginated)."""
     from projections.reports import user_history
 
     settings = _settings()
     with _history(settings) as con:
-        _emit(user_history(con, _tenant_id(settings, tenant), user, by=by, limit=limit, offset=offset,  # type: ignore[arg-type]
-                           **_range(start, end)), fmt, output)
+        try:
+            page = user_history(con, _tenant_id(settings, tenant), user, by=by, limit=limit,  # type: ignore[arg-type]
+                                after=after, **_range(start, end))
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        _emit(page, fmt, output)
 
 
 @report.command("daily")

@@ -99,7 +99,8 @@ def _seed(schema: BaseSchema, auth: dict[str, str]) -> dict[str, list[str]]:
         tier_ids = [t["id"] for t in created]
         plan_ids += [t["plan_id"] for t in created]
     users = [post("/users", {"external_id": USERS[0], "plan_id": plan_ids[0]}), post("/users", {"external_id": USERS[1]})]
-    return {"plan_id": plan_ids, "tier_id": tier_ids, "user_id": [u["id"] for u in users]}
+    return {"plan_id": plan_ids, "tier_id": tier_ids, "user_id": [u["id"] for u in users], "user": USERS,
+            "name": ["daily"]}
 
 
 @pytest.fixture

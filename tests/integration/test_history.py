@@ -196,14 +196,23 @@ def test_spend_by_day_and_model_matches_the_oracle_to_the_last_unit(world, con):
 def test_a_users_history_pages_add_up_and_agree_with_the_live_running_total(world, con):
     user = "p3"
     nov = {"start": T0, "end": DEC}
+    page_counts = []
     for by in ("day", "model", "session", "plan_version"):
         full = user_history(con, ACME, user, by=by, limit=10_000, **nov)
-        pages, offset = [], 0
-        while offset is not None:
-            page = user_history(con, ACME, user, by=by, limit=1, offset=offset, **nov)
+        pages, cursor = [], None
+        while True:
+            page = user_history(con, ACME, user, by=by, limit=1, after=cursor, **nov)
             pages += page.rows
-            offset = page.next_offset
-        assert pages == full.rows and full.next_offset is None, by
+            if (cursor := page.next_cursor) is None:
+                break
+        assert pages == full.rows and full.next_cursor is None, by
+        page_counts.append(len(pages))
+    assert max(page_counts) > 1  # some grouping really was paged
+    day_cursor = user_history(con, ACME, user, by="day", limit=1, start=T0, end=DEC + timedelta(days=31)).next_cursor
+    assert day_cursor is not None  # November's day, with December's on the next page
+    for bad in (day_cursor, "bm90IGpzb24", "W10"):  # another grouping's cursor, not JSON, an empty list
+        with pytest.raises(ValueError, match="not a cursor"):
+            user_history(con, ACME, user, by="model", after=bad, **nov)
         assert sum(r[full.columns.index("spend")] for r in full.rows) == dec(
             sum(oracle_cost(c) for c in world.calls if c.user == user and c.at < DEC))
     # The live total after the user's last November entry is the processor's, read from the entries topic.

@@ -9,19 +9,19 @@ The file is opened per batch, so readers get their turn between batches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import duckdb
-import msgspec
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ledger.settings import Settings
-from projections.schema import ENTRY_COLUMNS, GATE_COLUMNS, MONEY_COLUMNS, REJECTION_COLUMNS, create_schema
+from projections.schema import ENTRIES, GATES, PROJECTED, REJECTIONS, Table, create_schema
 from streams.topics import Topics, partitions_of
 
 log = logging.getLogger(__name__)
@@ -30,86 +30,6 @@ BATCH_RECORDS_MAX = 50_000
 POLL_TIMEOUT_MS = 200
 LOCK_RETRY_S = 0.05
 LOCK_WAIT_S_MAX = 30.0
-
-
-class _EntryRow(msgspec.Struct, array_like=False):
-    """A ledger entry as the projector stores it: money stays a decimal string."""
-
-    tenant: str
-    user: str
-    event_id: str
-    seq: int
-    session_id: str
-    session_started_at: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    tool_calls: int
-    cost: str
-    plan_id: str
-    plan_name: str
-    plan_version: int
-    period_start: str
-    period_end: str
-    occurred_at: str
-    period_spend: str | None
-    session_spend: str | None
-    period_model_tokens: int | None
-    late: bool
-
-
-class _GateRow(msgspec.Struct):
-    gate_id: str
-    tenant: str
-    user: str
-    kind: str
-    dimension: str
-    model: str | None
-    threshold: str
-    used: str
-    limit: str
-    scope: str
-    plan_id: str
-    plan_version: int
-    cause_event_id: str
-    occurred_at: str
-
-
-class _RejectionRow(msgspec.Struct):
-    rejection_id: str
-    code: str
-    reason: str
-    key: str | None
-    payload: str
-    payload_encoding: str
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    tenant: str | None
-    user: str | None
-    event_id: str | None
-
-
-_entry_decoder = msgspec.json.Decoder(_EntryRow)
-_gate_decoder = msgspec.json.Decoder(_GateRow)
-_rejection_decoder = msgspec.json.Decoder(_RejectionRow)
-
-_TIMESTAMP_COLUMNS = frozenset({"session_started_at", "period_start", "period_end", "occurred_at"})
-
-
-def _select(columns: tuple[str, ...]) -> str:
-    def cast(column: str) -> str:
-        quoted = f'"{column}"'
-        if column in MONEY_COLUMNS:
-            return f"CAST({quoted} AS DECIMAL(38, 12))"
-        if column in _TIMESTAMP_COLUMNS:
-            return f"CAST({quoted} AS TIMESTAMPTZ)"
-        return quoted
-    return ", ".join(cast(c) for c in columns)
-
-
-def _arrow(columns: tuple[str, ...], rows: list[tuple[object, ...]]) -> pa.Table:
-    return pa.table(dict(zip(columns, zip(*rows, strict=True), strict=True)) if rows else {c: [] for c in columns})
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -140,19 +60,38 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 class Projector:
-    def __init__(self, settings: Settings, path: Path | None = None) -> None:
+    """Projects the output topics into the history file.
+
+    With ``bulk`` (a rebuild into a new file) rows go in without the unique keys, which cost more than half
+    of every insert; :meth:`finish` drops repeated records and builds the keys once at the end.
+    """
+
+    def __init__(self, settings: Settings, path: Path | None = None, *, bulk: bool = False) -> None:
         self.settings = settings
         self.topics = Topics.for_namespace(settings.namespace)
         self.path = path or settings.history_path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.sources = (self.topics.entries, self.topics.gates, self.topics.rejected)
+        self.tables: dict[str, Table] = dict(zip(self.sources, (ENTRIES, GATES, REJECTIONS), strict=True))
+        self.bulk = bulk
         self.rows_written = 0
-        with connect(self.path) as con:
-            create_schema(con)
+        # A bulk load owns its new file: one connection throughout, so no batch pays a checkpoint on close.
+        self._held: duckdb.DuckDBPyConnection | None = connect(self.path) if bulk else None
+        with self._connection() as con:
+            create_schema(con, indexes=not bulk)
         self._file_id = _file_id(self.path)
 
-    def stored_offsets(self) -> dict[TopicPartition, int]:
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The held connection of a bulk load; otherwise one per batch, so readers get their turn between."""
+        if self._held is not None:
+            yield self._held
+            return
         with connect(self.path) as con:
+            yield con
+
+    def stored_offsets(self) -> dict[TopicPartition, int]:
+        with self._connection() as con:
             rows = con.execute('SELECT topic, "partition", next_offset FROM projector_offsets').fetchall()
         return {TopicPartition(t, p): o for t, p, o in rows}
 
@@ -179,8 +118,8 @@ class Projector:
                     # `ledger projections rebuild` replaced the file: resume from the offsets the
                     # new file stores, or the records between its end and our position would be lost.
                     log.info("history file %s was replaced; resuming from its stored offsets", self.path)
-                    with connect(self.path) as con:
-                        create_schema(con)
+                    with self._connection() as con:
+                        create_schema(con, indexes=not self.bulk)
                     self._file_id = _file_id(self.path)
                     await self._seek_to_stored(consumer, partitions)
         finally:
@@ -203,34 +142,50 @@ class Projector:
 
     def write(self, batch: Iterable[tuple[TopicPartition, list]]) -> bool:  # type: ignore[type-arg]
         """Store one batch; False (nothing stored) if the file was swapped by a rebuild since we opened it."""
-        decoders = {self.topics.entries: _entry_decoder, self.topics.gates: _gate_decoder,
-                     self.topics.rejected: _rejection_decoder}
-        rows: dict[str, list[tuple[object, ...]]] = {topic: [] for topic in decoders}
+        values: dict[str, list[bytes]] = {topic: [] for topic in self.tables}
         offsets: list[tuple[str, int, int]] = []
         for tp, records in batch:
-            decode = decoders[tp.topic].decode
-            rows[tp.topic].extend(msgspec.structs.astuple(decode(r.value)) for r in records)
+            values[tp.topic].extend(r.value for r in records)
             offsets.append((tp.topic, tp.partition, records[-1].offset + 1))
-        targets = (("ledger_entries", ENTRY_COLUMNS, rows[self.topics.entries]),
-                   ("gate_events", GATE_COLUMNS, rows[self.topics.gates]),
-                   ("rejected_events", REJECTION_COLUMNS, rows[self.topics.rejected]))
         offset_table = pa.table(dict(zip(("topic", "partition", "next_offset"), zip(*offsets, strict=True), strict=True)))
-        with connect(self.path) as con:
+        insert = "INSERT INTO" if self.bulk else "INSERT OR IGNORE INTO"
+        with self._connection() as con:
             # A rebuild replaces the file only while it holds the old file's lock, so with our
             # connection open the identity seen here is the file we are writing to.
             if _file_id(self.path) != self._file_id:
                 return False
             con.execute("BEGIN")
-            for table, columns, table_rows in targets:
-                if table_rows:
-                    con.register("batch_rows", _arrow(columns, table_rows))
-                    con.execute(f"INSERT OR IGNORE INTO {table} SELECT {_select(columns)} FROM batch_rows")
+            for topic, table in self.tables.items():
+                if values[topic]:
+                    # The records as JSON text; DuckDB parses them and casts money and times exactly.
+                    con.register("batch_rows", pa.table({"v": pa.array(values[topic], pa.string())}))
+                    con.execute(f"{insert} {table.name} {table.from_json_sql('batch_rows')}")
                     con.unregister("batch_rows")
             con.register("batch_offsets", offset_table)
             con.execute("INSERT OR REPLACE INTO projector_offsets SELECT * FROM batch_offsets")
             con.execute("COMMIT")
-        self.rows_written += sum(len(r) for r in rows.values())
+        self.rows_written += sum(len(v) for v in values.values())
         return True
+
+    def finish(self) -> None:
+        """After a bulk load: keep one row per key (a crashed processor repeats outputs) and build the keys."""
+        with self._connection() as con:
+            for table in PROJECTED:
+                try:
+                    con.execute(table.index_sql())
+                except duckdb.ConstraintException:  # repeated records: they are identical, keep the first
+                    con.execute(f"""DELETE FROM {table.name} WHERE rowid IN (
+                        SELECT rowid FROM (SELECT rowid, row_number() OVER (PARTITION BY {', '.join(table.key)}
+                                                                            ORDER BY rowid) AS n
+                                           FROM {table.name}) WHERE n > 1)""")
+                    con.execute(table.index_sql())
+            con.execute("CHECKPOINT")
+        self.close()
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
 
 def run_projector(settings: Settings) -> None:

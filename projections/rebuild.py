@@ -39,7 +39,7 @@ class RebuildResult:
 
 class _CountingProjector(Projector):
     def __init__(self, settings: Settings, path: Path, progress: Progress | None, total: int) -> None:
-        super().__init__(settings, path)
+        super().__init__(settings, path, bulk=True)
         self._progress = progress
         self._total = total
 
@@ -69,6 +69,7 @@ def rebuild(settings: Settings, *, path: Path | None = None, progress: Progress 
     started = time.perf_counter()
     projector = _CountingProjector(settings, staging, progress, total)
     asyncio.run(projector.run(until_caught_up=True))
+    projector.finish()
     with connect(staging) as con:
         con.execute("CHECKPOINT")  # everything in the main file: no WAL travels with the rename
         counts = [con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]

@@ -1,64 +1,74 @@
-"""The DuckDB history schema. Money is DECIMAL(38,12): the same quantum as the core."""
+"""The DuckDB history schema. Money is DECIMAL(38,12): the same quantum as the core.
+
+Each projected table is described once (:class:`Table`): its DDL, its unique key and how a topic's JSON
+record maps onto its columns all come from that description. The key is a unique index rather than a
+primary key, so a rebuild can load a table without it and build the index once at the end.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import duckdb
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger_entries (
-    tenant VARCHAR NOT NULL,
-    user_id VARCHAR NOT NULL,
-    event_id VARCHAR NOT NULL,
-    seq BIGINT NOT NULL,
-    session_id VARCHAR NOT NULL,
-    session_started_at TIMESTAMPTZ NOT NULL,
-    model VARCHAR NOT NULL,
-    input_tokens BIGINT NOT NULL,
-    output_tokens BIGINT NOT NULL,
-    tool_calls BIGINT NOT NULL,
-    cost DECIMAL(38, 12) NOT NULL,
-    plan_id VARCHAR NOT NULL,
-    plan_name VARCHAR NOT NULL,
-    plan_version INTEGER NOT NULL,
-    period_start TIMESTAMPTZ NOT NULL,
-    period_end TIMESTAMPTZ NOT NULL,
-    occurred_at TIMESTAMPTZ NOT NULL,
-    period_spend DECIMAL(38, 12),
-    session_spend DECIMAL(38, 12),
-    period_model_tokens BIGINT,
-    late BOOLEAN NOT NULL,
-    PRIMARY KEY (tenant, user_id, event_id)
-);
-CREATE TABLE IF NOT EXISTS gate_events (
-    gate_id VARCHAR PRIMARY KEY,
-    tenant VARCHAR NOT NULL,
-    user_id VARCHAR NOT NULL,
-    kind VARCHAR NOT NULL,
-    dimension VARCHAR NOT NULL,
-    model VARCHAR,
-    threshold DECIMAL(38, 12) NOT NULL,
-    used DECIMAL(38, 12) NOT NULL,
-    "limit" DECIMAL(38, 12) NOT NULL,
-    scope VARCHAR NOT NULL,
-    plan_id VARCHAR NOT NULL,
-    plan_version INTEGER NOT NULL,
-    cause_event_id VARCHAR NOT NULL,
-    occurred_at TIMESTAMPTZ NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rejected_events (
-    rejection_id VARCHAR PRIMARY KEY,
-    code VARCHAR NOT NULL,
-    reason VARCHAR NOT NULL,
-    "key" VARCHAR,
-    payload VARCHAR NOT NULL,
-    payload_encoding VARCHAR NOT NULL,
-    source_topic VARCHAR NOT NULL,
-    source_partition INTEGER NOT NULL,
-    source_offset BIGINT NOT NULL,
-    tenant VARCHAR,
-    user_id VARCHAR,
-    event_id VARCHAR
-);
+MONEY = "DECIMAL(38, 12)"
+TIME = "TIMESTAMPTZ"
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    # (column, SQL type, NOT NULL)
+    columns: tuple[tuple[str, str, bool], ...]
+    key: tuple[str, ...]
+    # column -> the JSON field it is read from, where the names differ
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.columns)
+
+    def create_sql(self) -> str:
+        body = ",\n    ".join(f'"{name}" {kind}{" NOT NULL" if required else ""}' for name, kind, required in self.columns)
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    {body}\n);"
+
+    def index_sql(self) -> str:
+        return f"CREATE UNIQUE INDEX IF NOT EXISTS {self.name}_key ON {self.name} ({', '.join(self.key)});"
+
+    def from_json_sql(self, relation: str, column: str = "v") -> str:
+        """SELECT the table's columns from ``relation``'s JSON text column: DuckDB parses and casts, exactly."""
+        struct = ", ".join(f'"{self.fields.get(name, name)}": "{kind}"' for name, kind, _ in self.columns)
+        picks = ", ".join(f'j."{self.fields.get(name, name)}"' for name in self.column_names)
+        return f"SELECT {picks} FROM (SELECT from_json({column}, '{{{struct}}}') AS j FROM {relation})"
+
+
+ENTRIES = Table("ledger_entries", (
+    ("tenant", "VARCHAR", True), ("user_id", "VARCHAR", True), ("event_id", "VARCHAR", True), ("seq", "BIGINT", True),
+    ("session_id", "VARCHAR", True), ("session_started_at", TIME, True), ("model", "VARCHAR", True),
+    ("input_tokens", "BIGINT", True), ("output_tokens", "BIGINT", True), ("tool_calls", "BIGINT", True),
+    ("cost", MONEY, True), ("plan_id", "VARCHAR", True), ("plan_name", "VARCHAR", True),
+    ("plan_version", "INTEGER", True), ("period_start", TIME, True), ("period_end", TIME, True),
+    ("occurred_at", TIME, True), ("period_spend", MONEY, False), ("session_spend", MONEY, False),
+    ("period_model_tokens", "BIGINT", False), ("late", "BOOLEAN", True),
+), key=("tenant", "user_id", "event_id"), fields={"user_id": "user"})
+
+GATES = Table("gate_events", (
+    ("gate_id", "VARCHAR", True), ("tenant", "VARCHAR", True), ("user_id", "VARCHAR", True), ("kind", "VARCHAR", True),
+    ("dimension", "VARCHAR", True), ("model", "VARCHAR", False), ("threshold", MONEY, True), ("used", MONEY, True),
+    ("limit", MONEY, True), ("scope", "VARCHAR", True), ("plan_id", "VARCHAR", True), ("plan_version", "INTEGER", True),
+    ("cause_event_id", "VARCHAR", True), ("occurred_at", TIME, True),
+), key=("gate_id",), fields={"user_id": "user"})
+
+REJECTIONS = Table("rejected_events", (
+    ("rejection_id", "VARCHAR", True), ("code", "VARCHAR", True), ("reason", "VARCHAR", True), ("key", "VARCHAR", False),
+    ("payload", "VARCHAR", True), ("payload_encoding", "VARCHAR", True), ("source_topic", "VARCHAR", True),
+    ("source_partition", "INTEGER", True), ("source_offset", "BIGINT", True), ("tenant", "VARCHAR", False),
+    ("user_id", "VARCHAR", False), ("event_id", "VARCHAR", False),
+), key=("rejection_id",), fields={"user_id": "user"})
+
+PROJECTED = (ENTRIES, GATES, REJECTIONS)
+
+OFFSETS_SQL = """
 -- The next offset to read per source partition, written in the same
 -- transaction as the rows, so a restart resumes exactly.
 CREATE TABLE IF NOT EXISTS projector_offsets (
@@ -69,22 +79,13 @@ CREATE TABLE IF NOT EXISTS projector_offsets (
 );
 """
 
-ENTRY_COLUMNS = (
-    "tenant", "user_id", "event_id", "seq", "session_id", "session_started_at", "model",
-    "input_tokens", "output_tokens", "tool_calls", "cost", "plan_id", "plan_name", "plan_version",
-    "period_start", "period_end", "occurred_at", "period_spend", "session_spend",
-    "period_model_tokens", "late",
-)
-GATE_COLUMNS = (
-    "gate_id", "tenant", "user_id", "kind", "dimension", "model", "threshold", "used", "limit",
-    "scope", "plan_id", "plan_version", "cause_event_id", "occurred_at",
-)
-REJECTION_COLUMNS = (
-    "rejection_id", "code", "reason", "key", "payload", "payload_encoding", "source_topic",
-    "source_partition", "source_offset", "tenant", "user_id", "event_id",
-)
-MONEY_COLUMNS = frozenset({"cost", "period_spend", "session_spend", "threshold", "used", "limit"})
+
+def create_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True) -> None:
+    """Create what is missing; ``indexes=False`` leaves the unique keys to :func:`create_indexes` (bulk loads)."""
+    con.execute("\n".join(table.create_sql() for table in PROJECTED) + OFFSETS_SQL)
+    if indexes:
+        create_indexes(con)
 
 
-def create_schema(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(SCHEMA)
+def create_indexes(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("\n".join(table.index_sql() for table in PROJECTED))

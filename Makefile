@@ -37,7 +37,7 @@ bench: broker
 	$(BIN)/python -m tests.benchmarks.history
 
 check: install
-	$(BIN)/ruff check ledger streams projections tests
+	$(BIN)/ruff check ledger ledger_sdk streams projections tests examples
 	$(BIN)/mypy
 
 down:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
@@ -304,11 +304,22 @@ class GateStream:
         self._client = client
         self.last_event_id = last_event_id
         self._from_beginning = from_beginning
+        self._iterator = self._events()
 
     def __aiter__(self) -> AsyncIterator[GateEvent]:
-        return self._events()
+        return self._iterator
 
-    async def _events(self) -> AsyncIterator[GateEvent]:
+    async def __aenter__(self) -> GateStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; ``last_event_id`` stays, to resume later."""
+        await self._iterator.aclose()
+
+    async def _events(self) -> AsyncGenerator[GateEvent, None]:
         failures = 0
         http = self._client._http
         while True:

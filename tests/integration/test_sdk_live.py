@@ -5,8 +5,6 @@ nothing; the metered-call wrapper never calls the model when the check answers 4
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,12 +12,8 @@ from decimal import Decimal
 import httpx
 import msgspec
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
+from examples.chat_backend.fake_model import FakeModel
 from ledger.control.store import ControlStore
 from ledger.settings import Settings
 from ledger_sdk import (
@@ -34,7 +28,7 @@ from ledger_sdk import (
 )
 from tests.conftest import wait_processed
 from tests.integration import test_admission
-from tests.integration.test_admission import METERED, free_port
+from tests.integration.test_admission import METERED
 from tests.kafka_io import entries, gates
 
 pytestmark = pytest.mark.integration
@@ -182,61 +176,30 @@ def test_a_stream_without_a_cursor_starts_with_new_events(settings, worker, ledg
     assert asyncio.run(asyncio.wait_for(first_two(), 60)) == ["new", "new"]
 
 
-class FakeModel:
-    """An OpenAI-style chat completions server on loopback that counts the requests it receives."""
-
-    def __init__(self, prompt_tokens: int, completion_tokens: int) -> None:
-        self.requests = 0
-        self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        self.port = free_port()
-        app = Starlette(routes=[Route("/v1/chat/completions", self.complete, methods=["POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    async def complete(self, request: Request) -> JSONResponse:
-        self.requests += 1
-        body = await request.json()
-        return JSONResponse({"id": f"chatcmpl-{self.requests}", "object": "chat.completion", "model": body["model"],
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                                          "finish_reason": "stop"}],
-                             "usage": {**self.usage, "total_tokens": sum(self.usage.values())}})
-
-    def __enter__(self) -> FakeModel:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the fake model server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def chat(self, model: str) -> dict[str, object]:
-        response = httpx.post(f"http://127.0.0.1:{self.port}/v1/chat/completions",
-                              json={"model": model, "messages": [{"role": "user", "content": "hello"}]})
-        response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+def chat(model: FakeModel, name: str) -> dict[str, object]:
+    response = httpx.post(f"{model.url}/chat/completions", json={"model": name, "messages": [
+        {"role": "user", "content": "hello"}]})
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
 
 
 def test_the_wrapper_records_what_the_model_used_and_never_calls_it_once_blocked(settings, worker, ledger_api):
     base, key = ledger_api
     subscribe(base, key, ["w", "s"])
-    with FakeModel(prompt_tokens=5_000, completion_tokens=5_000) as model, LedgerClient(base, key) as ledger:
+    with FakeModel({"prompt_tokens": 5_000, "completion_tokens": 5_000}) as model, LedgerClient(base, key) as ledger:
         # Reserve $0.90, use $0.10: once the usage settles the reservation, $0.85 more fits in the $1.00 budget.
         with metered_call(ledger, "s", "m", input_tokens=90_000) as settled:
-            settled.record(model.chat("m"))
+            settled.record(chat(model, "m"))
         assert ledger.check("s", "m", input_tokens=85_000).decision == "warn"
 
         model.usage = {"prompt_tokens": BUDGET_TOKENS // 2, "completion_tokens": BUDGET_TOKENS // 2}
         with metered_call(ledger, "w", "m", input_tokens=1000) as call:
-            call.record(model.chat("m"))
+            call.record(chat(model, "m"))
         assert call.outcome is not None and call.outcome.status == "accepted"
         assert call.reservation.decision == "allow" and call.reservation.reservation_id
 
         with pytest.raises(Blocked) as blocked, metered_call(ledger, "w", "m", input_tokens=1000) as never:
-            never.record(model.chat("m"))
+            never.record(chat(model, "m"))
         assert model.requests == 2, "the model was called although the check answered 402"
     wait_processed(settings, worker)
     assert blocked.value.dimension == "period_spend"

@@ -74,7 +74,7 @@ class LoseTheFirstAnswer(httpx.HTTPTransport):
 
 def test_a_retry_after_a_lost_answer_counts_the_call_once(settings, worker, ledger_api):
     base, key = ledger_api
-    subscribe(base, key, ["careful", "naive"])
+    subscribe(base, key, ["careful", "naive", "bulk"])
     lossy = LoseTheFirstAnswer()
 
     with LedgerClient(base, key, retry=FAST_RETRY, transport=lossy) as ledger:
@@ -85,10 +85,13 @@ def test_a_retry_after_a_lost_answer_counts_the_call_once(settings, worker, ledg
     # The API's record of ids is not the only guard: the same event straight onto the log is dropped by the processor.
     (first,) = msgspec.json.decode(lossy.usage_bodies[0], type=dict[str, list[UsageEvent]])["events"]
 
-    async def republish() -> None:
+    async def over_kafka() -> list[str]:
         async with KafkaUsageTransport(settings.bootstrap, tenant_id(settings), namespace=settings.namespace) as kafka:
             await kafka.send([first])
-    asyncio.run(republish())
+            async with AsyncLedgerClient(base, key, usage_transport=kafka) as producer:  # a high-volume producer
+                bulk = [UsageEvent(user="bulk", model="m", input_tokens=1000, output_tokens=0) for _ in range(3)]
+                return [o.status for o in await producer.record_usage_batch(bulk)]
+    assert asyncio.run(over_kafka()) == ["accepted"] * 3
     wait_processed(settings, worker)
 
     assert len(lossy.usage_bodies) == 2 and lossy.usage_bodies[0] == lossy.usage_bodies[1]
@@ -101,6 +104,7 @@ def test_a_retry_after_a_lost_answer_counts_the_call_once(settings, worker, ledg
           f"after two naive attempts: {len(by_user['naive'])}")
     assert by_user["careful"] == [Decimal("0.01")]
     assert by_user["naive"] == [Decimal("0.01"), Decimal("0.01")]
+    assert by_user["bulk"] == [Decimal("0.01")] * 3
 
 
 def test_a_gate_stream_stopped_and_resumed_with_its_cursor_misses_and_repeats_nothing(settings, worker, ledger_api):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 
 import pytest
+from aiokafka import TopicPartition
 from fastapi import HTTPException
 
+from ledger.api import gates
 from ledger.api.gates import CURSOR_LENGTH_MAX, StreamSlots, decode_cursor, encode_cursor
 
 PARTITIONS = list(range(8))
@@ -40,3 +42,42 @@ def test_streams_beyond_the_bound_answer_503_until_one_closes():
     slots.give_back()
     slots.take()
     assert slots.used == 2
+
+
+class Record:
+    def __init__(self, offset: int, key: bytes, value: bytes) -> None:
+        self.offset, self.key, self.value = offset, key, value
+
+
+class Polls:
+    """Stands in for the stream's Kafka consumer: one scripted poll after another, then nothing."""
+
+    def __init__(self, *polls: dict[int, list[Record]]) -> None:
+        self.polls = list(polls)
+        self.stopped = False
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        poll = self.polls.pop(0) if self.polls else {}
+        return {TopicPartition("gates", p): records for p, records in poll.items()}
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_the_stream_sends_its_tenants_events_with_the_cursor_after_each_and_heartbeats_when_idle(monkeypatch):
+    monkeypatch.setattr(gates, "HEARTBEAT_S", 0.0)
+    consumer = Polls({0: [Record(5, b"t1/a", b'{"n":1}'), Record(6, b"t2/a", b'{"n":2}')],
+                      1: [Record(9, b"t1/b", b'{"n":3}')]})
+    slots = StreamSlots(limit=1)
+    slots.take()
+    stream = gates._events(consumer, {0: 5, 1: 9}, "t1", slots)
+
+    frames = [await anext(stream) for _ in range(4)]
+    await stream.aclose()
+
+    assert frames[0] == b": stream open\n\n"
+    assert frames[1] == b"id: %s\nevent: gate\ndata: {\"n\":1}\n\n" % encode_cursor({0: 6, 1: 9}).encode()
+    # t2's record is skipped, and the next cursor has moved past it too.
+    assert frames[2] == b"id: %s\nevent: gate\ndata: {\"n\":3}\n\n" % encode_cursor({0: 7, 1: 10}).encode()
+    assert frames[3] == b": heartbeat\n\n"
+    assert consumer.stopped and slots.used == 0

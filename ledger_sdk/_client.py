@@ -117,6 +117,12 @@ class _Calls:
         return _Calls.read(response, CheckResult)
 
 
+def _build(http: httpx.Client | httpx.AsyncClient, call: _Request) -> httpx.Request:
+    """The request, built once: every attempt sends these same bytes."""
+    headers = {"Content-Type": "application/json"} if call.body else None
+    return http.build_request(call.method, call.path, content=call.body, params=call.params, headers=headers)
+
+
 def _base_url(base_url: str) -> str:
     base = base_url.rstrip("/")
     return base if base.endswith(API_PREFIX) else base + API_PREFIX
@@ -145,8 +151,7 @@ class LedgerClient:
         self._http.close()
 
     def _send(self, call: _Request) -> httpx.Response:
-        request = self._http.build_request(call.method, call.path, content=call.body, params=call.params,
-                                           headers={"Content-Type": "application/json"} if call.body else None)
+        request = _build(self._http, call)
         attempt = 0
         while True:
             attempt += 1
@@ -223,8 +228,7 @@ class AsyncLedgerClient:
         await self._http.aclose()
 
     async def _send(self, call: _Request) -> httpx.Response:
-        request = self._http.build_request(call.method, call.path, content=call.body, params=call.params,
-                                           headers={"Content-Type": "application/json"} if call.body else None)
+        request = _build(self._http, call)
         attempt = 0
         while True:
             attempt += 1

@@ -346,12 +346,14 @@ class GateStream:
                     decoder = SSEDecoder()
                     async for line in response.aiter_lines():
                         sse = decoder.feed(line)
-                        if sse is None or sse.event != "gate":
-                            continue
-                        event = msgspec.json.decode(sse.data, type=GateEvent)
-                        self.last_event_id = sse.id
-                        failures = 0
-                        yield msgspec.structs.replace(event, cursor=sse.id or "")
+                        if sse is not None and sse.event == "gate":
+                            event = msgspec.json.decode(sse.data, type=GateEvent)
+                            self.last_event_id = sse.id
+                            failures = 0
+                            yield msgspec.structs.replace(event, cursor=sse.id or "")
+                        elif sse is None and decoder.last_event_id is not None:  # an `id:` alone: the heartbeat's
+                            self.last_event_id = decoder.last_event_id
+                await asyncio.sleep(self._client.retry.delay_s(1))  # the server ended the stream (a restart)
             except httpx.TransportError as exc:
                 failures += 1
                 delay = retry_delay_s(self._client.retry, failures, exc, idempotent=True)

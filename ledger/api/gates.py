@@ -71,7 +71,9 @@ async def _events(consumer: AIOKafkaConsumer, positions: dict[int, int], tenant_
                   slots: StreamSlots) -> AsyncIterator[bytes]:
     prefix = f"{tenant_id}/".encode()
     try:
-        yield b": stream open\n\n"
+        # An `id:` without data moves the client's Last-Event-ID too: a reconnect then skips what was already
+        # read, even before (or long after) the tenant's last event.
+        yield b"id: %s\n: stream open\n\n" % encode_cursor(positions).encode()
         last_sent = time.monotonic()
         while True:
             batch = await consumer.getmany(timeout_ms=1000, max_records=RECORDS_PER_POLL_MAX)
@@ -83,7 +85,7 @@ async def _events(consumer: AIOKafkaConsumer, positions: dict[int, int], tenant_
                         yield b"id: %s\nevent: gate\ndata: %s\n\n" % (encode_cursor(positions).encode(), record.value)
                         last_sent = time.monotonic()
             if time.monotonic() - last_sent >= HEARTBEAT_S:
-                yield b": heartbeat\n\n"
+                yield b"id: %s\n: heartbeat\n\n" % encode_cursor(positions).encode()
                 last_sent = time.monotonic()
     finally:
         await consumer.stop()

@@ -167,7 +167,8 @@ def test_a_stream_without_a_cursor_starts_with_new_events(settings, worker, ledg
         async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http, \
                 http.stream("GET", "/gates/stream") as response:
             lines = response.aiter_lines()
-            assert await anext(lines) == ": stream open"  # positions are fixed before the first byte
+            assert (await anext(lines)).startswith("id: ")  # positions are fixed before the first byte
+            assert await anext(lines) == ": stream open"
             await asyncio.to_thread(lambda: LedgerClient(base, key).record_usage("new", "m", BUDGET_TOKENS, 0))
             users: list[str] = []
             async for line in lines:

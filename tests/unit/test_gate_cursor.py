@@ -75,9 +75,9 @@ async def test_the_stream_sends_its_tenants_events_with_the_cursor_after_each_an
     frames = [await anext(stream) for _ in range(4)]
     await stream.aclose()
 
-    assert frames[0] == b": stream open\n\n"
+    assert frames[0] == b"id: %s\n: stream open\n\n" % encode_cursor({0: 5, 1: 9}).encode()
     assert frames[1] == b"id: %s\nevent: gate\ndata: {\"n\":1}\n\n" % encode_cursor({0: 6, 1: 9}).encode()
     # t2's record is skipped, and the next cursor has moved past it too.
     assert frames[2] == b"id: %s\nevent: gate\ndata: {\"n\":3}\n\n" % encode_cursor({0: 7, 1: 10}).encode()
-    assert frames[3] == b": heartbeat\n\n"
+    assert frames[3] == b"id: %s\n: heartbeat\n\n" % encode_cursor({0: 7, 1: 10}).encode()
     assert consumer.stopped and slots.used == 0

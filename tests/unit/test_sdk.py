@@ -267,6 +267,21 @@ async def test_a_gate_stream_reconnects_from_the_last_cursor():
     assert requests[1].headers["last-event-id"] == "c2" and "from" not in requests[1].url.params
 
 
+async def test_a_heartbeat_cursor_moves_the_resume_point_even_without_events():
+    requests: list[httpx.Request] = []
+    streams = [b"id: c0\n: stream open\n\nid: c1\n: heartbeat\n\n", b"id: c2\nevent: gate\ndata: %s\n\n" % gate(2)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, content=streams[len(requests) - 1])
+
+    async with AsyncLedgerClient("http://ledger.test", "pg_test_x", retry=NO_WAIT,
+                                 transport=httpx.MockTransport(handler)) as ledger, ledger.gates() as stream:
+        event = await anext(aiter(stream))
+    assert (event.gate_id, stream.last_event_id) == ("g2", "c2")
+    assert requests[1].headers["last-event-id"] == "c1"
+
+
 def test_the_kafka_transport_writes_what_the_ledger_reads():
     transport = KafkaUsageTransport("127.0.0.1:1", "tenant-1", namespace="ns")
     event = UsageEvent(user="u42", model="gpt-4o", input_tokens=5, output_tokens=6, tools={"web_search": 1},

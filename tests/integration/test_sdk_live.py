@@ -139,15 +139,20 @@ def test_a_gate_stream_stopped_and_resumed_with_its_cursor_misses_and_repeats_no
             cross_budget(ours[3:])  # ... while more gates happen
             await asyncio.to_thread(wait_processed, settings, worker)
             expected = sum(1 for g in await asyncio.to_thread(gates, settings) if g.tenant == tenant_id(settings))
-            async with ledger.gates(last_event_id=cursor) as resumed:
-                after = await asyncio.wait_for(read(resumed, expected - len(before)), 60)
+            # Resume, then stop again every two events: mid-poll, with more events already sent by the server.
+            after: list[GateEvent] = []
+            resume_from = cursor
+            while len(before) + len(after) < expected:
+                async with ledger.gates(last_event_id=resume_from) as resumed:
+                    after += await asyncio.wait_for(read(resumed, min(2, expected - len(before) - len(after))), 60)
+                resume_from = resumed.last_event_id
         return before, after, cursor
 
     before, after, cursor = asyncio.run(scenario())
 
     truth = sorted(g.gate_id for g in gates(settings) if g.tenant == tenant_id(settings))
     received = [g.gate_id for g in before + after]
-    print(f"\ngate stream: {len(before)} events, stopped, resumed for {len(after)} more; "
+    print(f"\ngate stream: {len(before)} events, stopped, resumed {(len(after) + 1) // 2} times for {len(after)} more; "
           f"{len(truth)} gate events of the tenant in the topic, {len(received) - len(set(received))} repeated")
     assert cursor == before[-1].cursor
     assert len(truth) == 2 * len(ours)  # soft and hard for each of our users; globex's never reach us

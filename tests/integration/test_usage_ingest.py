@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import msgspec
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from fastapi.testclient import TestClient
 
 from ledger.api.app import create_api
@@ -106,3 +107,26 @@ def test_a_read_only_key_cannot_ingest(api):
     with store.session() as session:
         reader = session.create_key(tenant_id, frozenset({Scope.read}))
     assert post(client, reader, event(1))[0] == 403
+
+
+def test_an_event_whose_publish_failed_is_not_remembered_so_its_retry_is_accepted(api, settings, monkeypatch):
+    client, store, tenant_id, key = api
+    log = client.app.state.log
+    publish, attempts = log.publish, []
+
+    async def refused_once(commands):  # type: ignore[no-untyped-def]
+        attempts.append(commands)
+        if len(attempts) == 1:
+            raise KafkaConnectionError("injected: the broker refused the batch")
+        return await publish(commands)
+
+    monkeypatch.setattr(log, "publish", refused_once)
+    status, body = post(client, key, {"events": [event(1)]})
+    assert status == 503 and "retry" in body["detail"]
+    with store.session() as session:
+        assert session.ingested(tenant_id, ["e-1"]) == {}  # remembered only once the broker has it
+
+    assert post(client, key, {"events": [event(1)]})[1]["outcomes"][0]["status"] == "accepted"
+    assert [c.event_id for _, c in logged(settings)] == ["e-1"]
+    with store.session() as session:
+        assert list(session.ingested(tenant_id, ["e-1"])) == ["e-1"]

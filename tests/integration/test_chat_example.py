@@ -58,7 +58,7 @@ def test_alice_chats_until_her_budget_blocks_her_and_the_model_is_not_called_aft
 def test_gate_webhooks_are_verified(backend):
     webhooks = pytest.importorskip("ledger_sdk.webhooks", reason="ledger_sdk.webhooks is built on the webhooks branch")
     client, _, _ = backend
-    body = b'{"type": "gate.hard_block", "data": {"user": "alice", "kind": "hard_block", "dimension": "period_spend"}}'
+    body = b'{"gate_id": "g1", "user": "alice", "kind": "hard_block", "dimension": "period_spend"}'  # a GateEvent
     now = int(time.time())
 
     def headers(timestamp: int, msg_id: str = "msg_1", payload: bytes = body) -> dict[str, str]:

@@ -31,7 +31,7 @@ from ledger_sdk._types import CheckResult, GateEvent, HistoryRow, Outcome, Spend
 T = TypeVar("T")
 API_PREFIX = "/api/v1"
 BATCH_EVENTS_MAX = 500  # the API's bound per request; longer batches are sent in chunks
-HISTORY_PAGE_SIZE = 500
+HISTORY_PAGE_SIZE = 100
 TIMEOUT_S = 10.0
 GroupBy = Literal["day", "model", "session", "plan_version"]
 

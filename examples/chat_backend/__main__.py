@@ -1,8 +1,9 @@
 """`make example`: the chat backend against the local stack (`ledger up`), with a fake model server.
 
 Creates (or reuses) the tenant ``chat-example`` with a fresh key, a small plan and the user
-``alice-<random>``, starts the fake model and the backend on ``CHAT_PORT`` (18080), chats as alice until
-her budget blocks her, prints what she has left, then keeps serving until Ctrl-C.
+``alice-<random>``, registers the backend's webhook URL (when the API has webhooks), starts the fake
+model and the backend on ``CHAT_PORT`` (18080), chats as alice until her budget blocks her, prints
+what she has left, then keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import threading
+import time
 import uuid
 
 import httpx
@@ -27,6 +29,7 @@ PLAN = {"plans": [{"name": "chat-example", "max_spend_per_period": 0.002,
 USER = f"alice-{uuid.uuid4().hex[:6]}"  # a new user per run, with a whole budget
 API_WAIT_S = 60.0
 CHATS_MAX = 50
+WEBHOOK_WAIT_S = 15.0
 
 
 def tenant_key(settings: Settings) -> str:
@@ -42,13 +45,32 @@ def tenant_key(settings: Settings) -> str:
         return session.create_key(tenant_id, ALL_SCOPES, label="chat example")
 
 
+def _admin(api_url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=f"{api_url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
 def provision(api_url: str, key: str) -> None:
-    with httpx.Client(base_url=f"{api_url}/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+    with _admin(api_url, key) as http:
         answer = http.post("/config/plans", json=PLAN).json()
         plan_id = (answer["plans"] or answer["duplicates"])[0]["id"]
         created = http.post("/users", json={"external_id": USER, "plan_id": plan_id})
         if created.status_code not in (201, 409):
             raise SystemExit(f"could not create {USER}: {created.text}")
+
+
+def register_webhook(api_url: str, key: str, url: str) -> str:
+    """Register ``url`` for the tenant's gate webhooks (replacing an earlier registration); its secret, or ""."""
+    with _admin(api_url, key) as http:
+        listed = http.get("/webhooks")
+        if listed.status_code == 404:  # an API without the webhooks part
+            return ""
+        listed.raise_for_status()
+        for webhook in listed.json()["webhooks"]:
+            if webhook["url"] == url:  # its secret was shown once, on an earlier run: replace it
+                http.delete(f"/webhooks/{webhook['id']}").raise_for_status()
+        created = http.post("/webhooks", json={"url": url, "description": "chat backend example"})
+        created.raise_for_status()
+        return str(created.json()["secret"])
 
 
 def converse(chat_url: str) -> None:
@@ -58,7 +80,12 @@ def converse(chat_url: str) -> None:
             print(f"chat {n}: {answer.status_code} {answer.json()}")
             if answer.status_code != 200:
                 break
-        budget = http.get(f"/users/{USER}/budget")
+        deadline = time.monotonic() + WEBHOOK_WAIT_S
+        while True:  # the gate webhook comes from `ledger webhooks` shortly after the block
+            budget = http.get(f"/users/{USER}/budget")
+            if budget.status_code != 200 or budget.json()["last_gate"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         print(f"budget of {USER}: {budget.status_code} {budget.text}")
 
 
@@ -71,18 +98,20 @@ def main() -> None:
     key = tenant_key(settings)
     provision(settings.api_url, key)
     port = int(os.environ.get("CHAT_PORT", "18080"))
-    secret = os.environ.get("LEDGER_WEBHOOK_SECRET", "")
+    chat_url = f"http://127.0.0.1:{port}"
+    secret = os.environ.get("LEDGER_WEBHOOK_SECRET") or register_webhook(settings.api_url, key,
+                                                                         f"{chat_url}/webhooks/ledger")
     with FakeModel() as model:
         chat = ChatSettings(ledger_url=settings.api_url, api_key=key, model_url=model.url, webhook_secret=secret)
         server = uvicorn.Server(uvicorn.Config(create_app(chat), host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        chat_url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{chat_url}/docs", API_WAIT_S)
         converse(chat_url)
         print(f"\nchat backend on {chat_url} (OpenAPI at /docs), fake model on {model.url}\n"
               f"  curl -s {chat_url}/users/{USER}/budget\n"
-              f"  gate webhooks: register {chat_url}/webhooks/ledger and set LEDGER_WEBHOOK_SECRET to its secret")
+              + (f"  gate webhooks: registered {chat_url}/webhooks/ledger" if secret else
+                 "  gate webhooks: this API has no webhook registration; set LEDGER_WEBHOOK_SECRET to receive them"))
         try:
             if not args.once:
                 thread.join()

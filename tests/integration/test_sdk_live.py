@@ -29,7 +29,7 @@ from ledger_sdk import (
 from tests.conftest import wait_processed
 from tests.integration import test_admission
 from tests.integration.test_admission import METERED
-from tests.kafka_io import entries, gates
+from tests.kafka_io import entries, gates, rejections
 
 pytestmark = pytest.mark.integration
 ledger_api = test_admission.api_server  # a fixture: `ledger api` in its own process, and its key
@@ -105,6 +105,8 @@ def test_a_retry_after_a_lost_answer_counts_the_call_once(settings, worker, ledg
     assert by_user["careful"] == [Decimal("0.01")]
     assert by_user["naive"] == [Decimal("0.01"), Decimal("0.01")]
     assert by_user["bulk"] == [Decimal("0.01")] * 3
+    # Dropped as a duplicate (same id, same payload), not dead-lettered as a conflict.
+    assert [r.code for r in rejections(settings)] == []
 
 
 def test_a_gate_stream_stopped_and_resumed_with_its_cursor_misses_and_repeats_nothing(settings, worker, ledger_api):

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LEDGER := $(BIN)/ledger
 
-.PHONY: install broker demo test test-unit test-integration bench check down clean
+.PHONY: install broker demo example test test-unit test-integration bench check down clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ demo: install
 	$(LEDGER) up
 	$(LEDGER) demo
 
+# The SDK's chat backend example against the local stack, with a fake model server (no provider needed).
+example: install
+	$(LEDGER) up
+	$(BIN)/python -m examples.chat_backend $(EXAMPLE_ARGS)
+
 # pytest exits 5 when no test ran; make treats any non-zero exit as failure.
 test: broker
 	$(BIN)/pytest -q tests
@@ -37,7 +42,7 @@ bench: broker
 	$(BIN)/python -m tests.benchmarks.history
 
 check: install
-	$(BIN)/ruff check ledger streams projections tests
+	$(BIN)/ruff check ledger ledger_sdk streams projections tests examples
 	$(BIN)/mypy
 
 down:

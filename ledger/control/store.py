@@ -19,14 +19,17 @@ import msgspec
 from sqlalchemy import (
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -36,6 +39,9 @@ from ledger.plans import Plan
 from ledger.tiers import Tier
 
 NAME_LENGTH_MAX = 128
+EVENT_ID_LENGTH_MAX = 128
+# Ingested event ids remembered per tenant, to answer a retry `duplicate` (the processor dedups regardless).
+INGESTED_IDS_PER_TENANT_MAX = 100_000
 
 
 def _now() -> datetime:
@@ -104,6 +110,17 @@ class TierRow(Base):
     tier_code: Mapped[str] = mapped_column(String(NAME_LENGTH_MAX))
     body: Mapped[str] = mapped_column(Text)
     plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id"))
+
+
+class IngestedRow(Base):
+    """An event id the API published to the usage log, with its payload digest (newest have the highest seq)."""
+
+    __tablename__ = "ingested_events"
+    __table_args__ = (UniqueConstraint("tenant_id", "event_id"), Index("ix_ingested_tenant_seq", "tenant_id", "seq"))
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    event_id: Mapped[str] = mapped_column(String(EVENT_ID_LENGTH_MAX))
+    digest: Mapped[str] = mapped_column(String(64))
 
 
 @dataclass(frozen=True)
@@ -280,6 +297,33 @@ class ControlSession:
         row.plan_id, row.period_start = plan_id, period_start.astimezone(UTC)
         self.db.flush()
         return _user(row)
+
+
+    # -- ingested usage ----------------------------------------------------------
+
+    def ingested(self, tenant_id: str, event_ids: list[str]) -> dict[str, str]:
+        """The payload digest of each of ``event_ids`` this tenant's usage was published under, if remembered."""
+        ids = [e for e in event_ids if "\x00" not in e]  # PostgreSQL text cannot hold NUL, so no row has it
+        if not ids:
+            return {}
+        rows = self.db.execute(select(IngestedRow.event_id, IngestedRow.digest)
+                               .where(IngestedRow.tenant_id == tenant_id, IngestedRow.event_id.in_(ids)))
+        return {event_id: digest for event_id, digest in rows}
+
+    def remember_ingested(self, tenant_id: str, digests: dict[str, str],
+                          keep: int = INGESTED_IDS_PER_TENANT_MAX) -> None:
+        """Remember published event ids (an id remembered already keeps its first digest); forget all but the
+        newest ``keep`` of the tenant's."""
+        if not digests:
+            return
+        dialect = postgresql if self.db.get_bind().dialect.name == "postgresql" else sqlite
+        rows = [{"tenant_id": tenant_id, "event_id": e, "digest": d} for e, d in digests.items()]
+        self.db.execute(dialect.insert(IngestedRow).values(rows).on_conflict_do_nothing())
+        oldest_kept = self.db.scalar(select(IngestedRow.seq).where(IngestedRow.tenant_id == tenant_id)
+                                     .order_by(IngestedRow.seq.desc()).offset(keep - 1).limit(1))
+        if oldest_kept is not None:
+            self.db.execute(delete(IngestedRow).where(IngestedRow.tenant_id == tenant_id,
+                                                      IngestedRow.seq < oldest_kept))
 
 
 class ControlStore:

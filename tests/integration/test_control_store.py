@@ -283,3 +283,33 @@ def test_set_subscription_keeps_the_instant_of_a_period_start_in_another_zone(
     with store.session() as db:
         found = db.user(a, user.id)
     assert found is not None and found.period_start == start
+
+
+# -- ingested usage ---------------------------------------------------------------------------------------------------
+
+
+def test_ingested_event_ids_are_remembered_per_tenant_with_their_first_digest(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        db.remember_ingested(a, {"e1": "d1", "e2": "d2"})
+    with store.session() as db:
+        db.remember_ingested(a, {"e2": "other", "e3": "d3"})  # e2 again: the first digest stays
+
+    with store.session() as db:
+        assert db.ingested(a, ["e1", "e2", "e3", "e4", "nul\x00"]) == {"e1": "d1", "e2": "d2", "e3": "d3"}
+        assert db.ingested(b, ["e1", "e2", "e3"]) == {}
+        assert db.ingested(a, []) == {}
+
+
+def test_the_ingested_record_keeps_only_the_newest_ids_of_each_tenant(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        db.remember_ingested(b, {"b1": "d"}, keep=3)
+        for n in range(5):
+            db.remember_ingested(a, {f"a{n}": "d"}, keep=3)
+
+    with store.session() as db:
+        assert sorted(db.ingested(a, [f"a{n}" for n in range(5)])) == ["a2", "a3", "a4"]
+        assert db.ingested(b, ["b1"]) == {"b1": "d"}  # another tenant's ids do not push these out

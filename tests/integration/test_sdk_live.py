@@ -218,3 +218,21 @@ def test_the_wrapper_records_what_the_model_used_and_never_calls_it_once_blocked
     (entry,) = [e for e in entries(settings) if e.user == "w"]
     assert (entry.input_tokens, entry.output_tokens, entry.cost) == (BUDGET_TOKENS // 2, BUDGET_TOKENS // 2,
                                                                      Decimal("1.00"))
+
+
+def test_spend_and_history_through_the_client_agree_after_the_projector_catches_up(settings, worker, ledger_api):
+    from projections.projector import Projector
+
+    base, key = ledger_api
+    subscribe(base, key, ["reader"])
+    with LedgerClient(base, key, retry=FAST_RETRY) as ledger:
+        outcomes = [ledger.record_usage("reader", "m", 100 * n, 50 * n) for n in range(1, 8)]
+        assert {o.status for o in outcomes} == {"accepted"}
+        live = ledger.spend("reader")  # asked after the usage, in the same partition: it includes all of it
+        assert live.period_spend == sum(Decimal(150 * n) / 100_000 for n in range(1, 8))  # $0.01 per 1K tokens
+        asyncio.run(Projector(settings).run(until_caught_up=True))
+        rows = list(ledger.history("reader", start=live.period_start, end=live.period_end, page_size=1,
+                                   group_by="model"))
+    assert [(r.model, r.calls) for r in rows] == [("m", 7)]
+    assert sum(r.spend for r in rows) == live.period_spend
+    assert live.model_tokens == {"m": sum(r.input_tokens + r.output_tokens for r in rows)}

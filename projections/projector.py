@@ -21,7 +21,7 @@ import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ledger.settings import Settings
-from projections.schema import ENTRIES, GATES, PROJECTED, REJECTIONS, Table, create_schema
+from projections.schema import ENTRIES, GATES, PROJECTED, REJECTIONS, Table, create_indexes, create_schema
 from streams.topics import Topics, partitions_of
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ BATCH_RECORDS_MAX = 50_000
 POLL_TIMEOUT_MS = 200
 LOCK_RETRY_S = 0.05
 LOCK_WAIT_S_MAX = 30.0
+CONTROL_SYNC_S = 30.0  # how stale the copies of plan versions, users and tiers may get
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -90,6 +91,22 @@ class Projector:
         with connect(self.path) as con:
             yield con
 
+    def sync_control(self) -> None:
+        """Copy the control plane's plan versions, users and tiers; a control plane that is down stops nothing."""
+        from ledger.control.store import ControlStore
+        from projections.control import sync_control
+
+        store = ControlStore(self.settings.control_url)
+        try:
+            store.create_schema()
+            with self._connection() as con:
+                copied = sync_control(con, store)
+            log.debug("control plane copied: %s", copied)
+        except Exception:
+            log.exception("copying the control plane into %s failed; history continues without it", self.path)
+        finally:
+            store.dispose()
+
     def stored_offsets(self) -> dict[TopicPartition, int]:
         with self._connection() as con:
             rows = con.execute('SELECT topic, "partition", next_offset FROM projector_offsets').fetchall()
@@ -110,7 +127,11 @@ class Projector:
             consumer.assign(partitions)
             await self._seek_to_stored(consumer, partitions)
             targets = await consumer.end_offsets(partitions) if until_caught_up else {}
+            synced_at = -CONTROL_SYNC_S
             while stop is None or not stop.is_set():
+                if time.monotonic() - synced_at >= CONTROL_SYNC_S:
+                    await asyncio.to_thread(self.sync_control)
+                    synced_at = time.monotonic()
                 if until_caught_up and await self._caught_up(consumer, targets):
                     return
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=BATCH_RECORDS_MAX)
@@ -179,6 +200,7 @@ class Projector:
                                                                             ORDER BY rowid) AS n
                                            FROM {table.name}) WHERE n > 1)""")
                     con.execute(table.index_sql())
+            create_indexes(con)
             con.execute("CHECKPOINT")
         self.close()
 

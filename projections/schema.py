@@ -68,6 +68,28 @@ REJECTIONS = Table("rejected_events", (
 
 PROJECTED = (ENTRIES, GATES, REJECTIONS)
 
+# Copies of the control plane, replaced whole on every sync (see projections/control.py), so reports can
+# join usage with the plan versions, users and tiers it ran under.
+PLAN_VERSIONS = Table("plan_versions", (
+    ("tenant", "VARCHAR", True), ("plan_id", "VARCHAR", True), ("name", "VARCHAR", True), ("version", "INTEGER", True),
+    ("created_at", TIME, True), ("billing_mode", "VARCHAR", True), ("period_interval", "VARCHAR", True),
+    ("trial_days", "INTEGER", True), ("max_spend_per_period", MONEY, False), ("max_spend_per_session", MONEY, False),
+    ("soft_gate_at", MONEY, True), ("hard_gate_at", MONEY, True), ("markup", MONEY, True), ("body", "JSON", True),
+), key=("tenant", "plan_id", "version"))
+
+USERS = Table("users", (
+    ("tenant", "VARCHAR", True), ("id", "VARCHAR", True), ("user_id", "VARCHAR", True), ("plan_id", "VARCHAR", False),
+    ("period_start", TIME, False), ("created_at", TIME, True),
+), key=("tenant", "id"))
+
+TIERS = Table("tiers", (
+    ("tenant", "VARCHAR", True), ("id", "VARCHAR", True), ("tier_code", "VARCHAR", True), ("plan_id", "VARCHAR", True),
+    ("billing_mode", "VARCHAR", True), ("price", MONEY, True), ("price_interval", "VARCHAR", False),
+    ("budget", MONEY, False), ("markup", MONEY, True), ("body", "JSON", True),
+), key=("tenant", "id"))
+
+CONTROL = (PLAN_VERSIONS, USERS, TIERS)
+
 OFFSETS_SQL = """
 -- The next offset to read per source partition, written in the same
 -- transaction as the rows, so a restart resumes exactly.
@@ -82,10 +104,10 @@ CREATE TABLE IF NOT EXISTS projector_offsets (
 
 def create_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True) -> None:
     """Create what is missing; ``indexes=False`` leaves the unique keys to :func:`create_indexes` (bulk loads)."""
-    con.execute("\n".join(table.create_sql() for table in PROJECTED) + OFFSETS_SQL)
+    con.execute("\n".join(table.create_sql() for table in (*PROJECTED, *CONTROL)) + OFFSETS_SQL)
     if indexes:
         create_indexes(con)
 
 
 def create_indexes(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute("\n".join(table.index_sql() for table in PROJECTED))
+    con.execute("\n".join(table.index_sql() for table in (*PROJECTED, *CONTROL)))

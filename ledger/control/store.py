@@ -142,6 +142,13 @@ class User:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    plan_versions: list[tuple[str, Plan, datetime]]  # (tenant id, version, created at)
+    users: list[tuple[str, User]]                     # (tenant id, user)
+    tiers: list[tuple[str, str, str, Tier]]           # (tenant id, tier id, plan id, tier)
+
+
 class Conflict(Exception):
     """The thing exists already (answered with 409)."""
 
@@ -269,6 +276,22 @@ class ControlSession:
             return None
         row = self.db.scalar(select(TierRow).where(TierRow.tenant_id == tenant_id, TierRow.id == tier_id))
         return None if row is None else (row.id, row.plan_id, _tier_decoder.decode(row.body))
+
+    # -- every tenant, for the history's copy ------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Every plan version, user and tier of every tenant (the projector copies them into DuckDB)."""
+        versions = self.db.execute(select(PlanRow.tenant_id, PlanVersionRow.body, PlanVersionRow.created_at)
+                                   .join(PlanRow, PlanRow.id == PlanVersionRow.plan_id)
+                                   .order_by(PlanRow.tenant_id, PlanVersionRow.plan_id, PlanVersionRow.version))
+        users = self.db.scalars(select(UserRow).order_by(UserRow.tenant_id, UserRow.external_id))
+        tiers = self.db.scalars(select(TierRow).order_by(TierRow.tenant_id, TierRow.tier_code))
+        return Snapshot(
+            plan_versions=[(tenant, _plan_decoder.decode(body), _utc(created) or created)
+                           for tenant, body, created in versions],
+            users=[(row.tenant_id, _user(row)) for row in users],
+            tiers=[(row.tenant_id, row.id, row.plan_id, _tier_decoder.decode(row.body)) for row in tiers],
+        )
 
     # -- users -------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ BATCH_RECORDS_MAX = 50_000
 POLL_TIMEOUT_MS = 200
 LOCK_RETRY_S = 0.05
 LOCK_WAIT_S_MAX = 30.0
+BULK_RECORDS = 200_000  # a rebuild inserts this many records at a time
 CONTROL_SYNC_S = 30.0  # how stale the copies of plan versions, users and tiers may get
 
 
@@ -76,6 +77,8 @@ class Projector:
         self.tables: dict[str, Table] = dict(zip(self.sources, (ENTRIES, GATES, REJECTIONS), strict=True))
         self.bulk = bulk
         self.rows_written = 0
+        self._values: dict[str, list[bytes]] = {topic: [] for topic in self.tables}
+        self._offsets: dict[tuple[str, int], int] = {}
         # A bulk load owns its new file: one connection throughout, so no batch pays a checkpoint on close.
         self._held: duckdb.DuckDBPyConnection | None = connect(self.path) if bulk else None
         with self._connection() as con:
@@ -162,13 +165,25 @@ class Projector:
         return True
 
     def write(self, batch: Iterable[tuple[TopicPartition, list]]) -> bool:  # type: ignore[type-arg]
-        """Store one batch; False (nothing stored) if the file was swapped by a rebuild since we opened it."""
-        values: dict[str, list[bytes]] = {topic: [] for topic in self.tables}
-        offsets: list[tuple[str, int, int]] = []
+        """Store one batch; False (nothing stored) if the file was swapped by a rebuild since we opened it.
+
+        A bulk load gathers batches up to BULK_RECORDS and stores them as one (fewer, larger inserts are
+        faster; a rebuild that dies starts its new file again, so nothing is lost by holding them).
+        """
         for tp, records in batch:
-            values[tp.topic].extend(r.value for r in records)
-            offsets.append((tp.topic, tp.partition, records[-1].offset + 1))
-        offset_table = pa.table(dict(zip(("topic", "partition", "next_offset"), zip(*offsets, strict=True), strict=True)))
+            self._values[tp.topic].extend(r.value for r in records)
+            self._offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+        if self.bulk and sum(len(v) for v in self._values.values()) < BULK_RECORDS:
+            return True
+        return self._flush()
+
+    def _flush(self) -> bool:
+        values, offsets = self._values, self._offsets
+        self._values, self._offsets = {topic: [] for topic in self.tables}, {}
+        if not offsets:
+            return True
+        offset_table = pa.table({"topic": [t for t, _ in offsets], "partition": [p for _, p in offsets],
+                                 "next_offset": list(offsets.values())})
         insert = "INSERT INTO" if self.bulk else "INSERT OR IGNORE INTO"
         with self._connection() as con:
             # A rebuild replaces the file only while it holds the old file's lock, so with our
@@ -190,6 +205,7 @@ class Projector:
 
     def finish(self) -> None:
         """After a bulk load: keep one row per key (a crashed processor repeats outputs) and build the keys."""
+        self._flush()
         with self._connection() as con:
             for table in PROJECTED:
                 try:

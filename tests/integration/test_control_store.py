@@ -17,7 +17,13 @@ import pytest
 from sqlalchemy import String, inspect, text
 
 from ledger.control.keys import ALL_SCOPES, KEY_LENGTH_MAX, Scope, new_key
-from ledger.control.store import Conflict, ControlStore
+from ledger.control.store import (
+    WEBHOOKS_PER_TENANT_MAX,
+    Conflict,
+    ControlStore,
+    DeliveryState,
+    Outbound,
+)
 from ledger.plans import Plan
 from tests.factories import seed_plans
 
@@ -283,3 +289,163 @@ def test_set_subscription_keeps_the_instant_of_a_period_start_in_another_zone(
     with store.session() as db:
         found = db.user(a, user.id)
     assert found is not None and found.period_start == start
+
+
+# -- webhooks and their delivery log ----------------------------------------------------------------------------------
+
+# Endpoints are created at the wall clock's now; gate events are written (and attempts made) after that.
+T_WEBHOOK = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+
+
+def gate(tenant_id: str, n: int, written_at: datetime = T_WEBHOOK) -> Outbound:
+    return Outbound(tenant_id=tenant_id, event_id=f"gate-{n}", payload=f'{{"gate_id":"gate-{n}","used":1.10}}',
+                    written_at=written_at)
+
+
+def test_a_webhook_secret_is_whsec_and_at_least_24_random_bytes_and_never_listed(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        first, secret = db.create_webhook(a, "https://example.com/hooks", "billing")
+        second, other_secret = db.create_webhook(a, "http://127.0.0.1:9/hooks")
+
+    assert secret.startswith("whsec_") and secret != other_secret
+    assert 24 <= len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) <= 64
+    with store.session() as db:
+        listed = db.webhooks(a)
+        assert listed == [first, second]
+        assert db.webhook(a, first.id) == first
+    assert (first.url, first.description, first.enabled) == ("https://example.com/hooks", "billing", True)
+    assert first.created_at.tzinfo is not None
+    assert not any(secret in repr(w) for w in listed)
+
+
+def test_a_webhook_is_invisible_and_undeletable_to_other_tenants(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://example.com/hooks")
+        db.record_deliveries([gate(a, 1)], T_WEBHOOK)
+
+    with store.session() as db:
+        assert db.webhook(b, hook.id) is None
+        assert db.webhooks(b) == []
+        assert db.deliveries(b, hook.id) == []
+        assert not db.delete_webhook(b, hook.id)
+        assert db.webhook(a, hook.id) == hook and len(db.deliveries(a, hook.id)) == 1
+        assert db.webhook(a, "no\x00such") is None
+
+
+def test_a_tenant_has_a_bounded_number_of_webhooks(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        for n in range(WEBHOOKS_PER_TENANT_MAX):
+            db.create_webhook(a, f"https://example.com/{n}")
+    with pytest.raises(Conflict, match=str(WEBHOOKS_PER_TENANT_MAX)), store.session() as db:
+        db.create_webhook(a, "https://example.com/one-too-many")
+    with store.session() as db:
+        assert len(db.webhooks(a)) == WEBHOOKS_PER_TENANT_MAX
+        db.create_webhook(b, "https://example.com/0")  # the bound is per tenant
+
+
+def test_each_gate_event_becomes_one_pending_delivery_per_endpoint_of_its_tenant_once(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        a1, _ = db.create_webhook(a, "https://a.example/1")
+        a2, _ = db.create_webhook(a, "https://a.example/2")
+        b1, _ = db.create_webhook(b, "https://b.example/1")
+    events = [gate(a, 1), gate(a, 2), gate(b, 3)]
+
+    with store.session() as db:
+        assert db.record_deliveries(events, T_WEBHOOK) == 5
+    with store.session() as db:  # the same batch read again after a crash adds nothing
+        assert db.record_deliveries(events, T_WEBHOOK + timedelta(minutes=1)) == 0
+        assert db.record_deliveries([], T_WEBHOOK) == 0
+
+    with store.session() as db:
+        logged = {h.id: sorted((d.event_id, d.state, d.attempts, d.next_attempt_at) for d in db.deliveries(t, h.id))
+                  for t, h in ((a, a1), (a, a2), (b, b1))}
+    pending = DeliveryState.pending
+    assert logged == {a1.id: [("gate-1", pending, 0, T_WEBHOOK), ("gate-2", pending, 0, T_WEBHOOK)],
+                      a2.id: [("gate-1", pending, 0, T_WEBHOOK), ("gate-2", pending, 0, T_WEBHOOK)],
+                      b1.id: [("gate-3", pending, 0, T_WEBHOOK)]}
+
+
+def test_an_endpoint_gets_only_gate_events_written_after_it_was_registered(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://a.example/1")
+    before, after = hook.created_at - timedelta(seconds=1), hook.created_at + timedelta(seconds=1)
+
+    with store.session() as db:
+        assert db.record_deliveries([gate(a, 1, before), gate(a, 2, after)], after) == 1
+        assert [d.event_id for d in db.deliveries(a, hook.id)] == ["gate-2"]
+
+
+def test_a_due_delivery_is_claimed_once_until_its_lease_ends(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, secret = db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, 1)], T_WEBHOOK)
+    lease_end = T_WEBHOOK + timedelta(seconds=60)
+
+    with store.session() as db:
+        assert db.claim_due(T_WEBHOOK - timedelta(seconds=1), lease_end, 10) == []  # not due yet
+        (claimed,) = db.claim_due(T_WEBHOOK, lease_end, 10)
+    assert (claimed.webhook_id, claimed.event_id, claimed.url, claimed.secret, claimed.attempts) == (
+        hook.id, "gate-1", "https://a.example/1", secret, 0)
+    assert claimed.payload == gate(a, 1).payload
+    with store.session() as db:
+        assert db.claim_due(T_WEBHOOK + timedelta(seconds=59), lease_end, 10) == []  # leased to the first claimant
+    with store.session() as db:  # the claimant died: when the lease ends, the delivery is due again
+        (again,) = db.claim_due(lease_end, lease_end + timedelta(seconds=60), 10)
+    assert again.event_id == "gate-1"
+
+
+def test_attempts_are_logged_until_delivered_or_given_up(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, 1), gate(a, 2)], T_WEBHOOK)
+    retry_at = T_WEBHOOK + timedelta(seconds=5)
+
+    with store.session() as db:
+        assert db.record_attempt(hook.id, "gate-1", state=DeliveryState.pending, at=T_WEBHOOK, status=500,
+                                 error="HTTP 500" + "!" * 1000, next_attempt_at=retry_at)
+        assert db.record_attempt(hook.id, "gate-2", state=DeliveryState.failed, at=T_WEBHOOK, status=None,
+                                 error="connection refused", next_attempt_at=None)
+    with store.session() as db:
+        assert db.claim_due(T_WEBHOOK, retry_at + timedelta(minutes=1), 10) == []  # gate-1 waits, gate-2 gave up
+        (due,) = db.claim_due(retry_at, retry_at + timedelta(minutes=1), 10)
+        assert (due.event_id, due.attempts) == ("gate-1", 1)
+        db.record_attempt(hook.id, "gate-1", state=DeliveryState.delivered, at=retry_at, status=204, error=None,
+                          next_attempt_at=None)
+
+    with store.session() as db:
+        log = {d.event_id: d for d in db.deliveries(a, hook.id)}
+        assert db.claim_due(retry_at + timedelta(days=1), retry_at + timedelta(days=2), 10) == []
+    one, two = log["gate-1"], log["gate-2"]
+    assert (one.state, one.attempts, one.last_status, one.delivered_at, one.next_attempt_at) == (
+        DeliveryState.delivered, 2, 204, retry_at, None)
+    assert one.last_error is None
+    assert (two.state, two.attempts, two.last_status, two.last_error, two.delivered_at) == (
+        DeliveryState.failed, 1, None, "connection refused", None)
+
+
+def test_deleting_a_webhook_drops_its_deliveries_and_their_retries(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        gone, _ = db.create_webhook(a, "https://a.example/gone")
+        kept, _ = db.create_webhook(a, "https://a.example/kept")
+        db.record_deliveries([gate(a, 1)], T_WEBHOOK)
+
+    with store.session() as db:
+        assert db.delete_webhook(a, gone.id)
+        assert not db.delete_webhook(a, gone.id)
+    with store.session() as db:
+        assert [w.id for w in db.webhooks(a)] == [kept.id]
+        assert db.deliveries(a, gone.id) == []
+        assert [d.webhook_id for d in db.claim_due(T_WEBHOOK, T_WEBHOOK + timedelta(minutes=1), 10)] == [kept.id]
+        assert not db.record_attempt(gone.id, "gate-1", state=DeliveryState.delivered, at=T_WEBHOOK, status=200,
+                                     error=None, next_attempt_at=None)

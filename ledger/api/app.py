@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
-from ledger.api import calls, plans, tiers, users
+from ledger.api import calls, plans, tiers, users, webhooks
 from ledger.api.wire import install_openapi
 from ledger.catalog import load_catalog
 from ledger.control.config import CommandLog
@@ -50,7 +50,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
     app.state.store = store
     app.state.settings = settings
     app.state.catalog = load_catalog(overrides=settings.price_overrides)
-    for router in (calls.router, plans.router, tiers.router, users.router):
+    for router in (calls.router, plans.router, tiers.router, users.router, webhooks.router):
         app.include_router(router, prefix="/api/v1")
     install_openapi(app)
 

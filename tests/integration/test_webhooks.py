@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 DELIVERY_WAIT_S = 90.0
 RETRY_FIRST_S = 1  # the process's first retry delay: the third attempt comes about 1 + 4 s after the first
 FAILURES_BEFORE_SUCCESS = 2
+HOLD_S_MAX = 120.0
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,13 @@ class Receiver:
     are answered 500 before the receiver accepts that id (204).
     """
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, hang_first: bool = False) -> None:
         self.secret = ""
         self.failures = failures
+        # The first verified request is held unanswered until ``release`` is set (a sender that dies meanwhile).
+        self.hang_first = hang_first
+        self.held = threading.Event()
+        self.release = threading.Event()
         self.received: list[Received] = []
         self.rejected: list[str] = []
         self._lock = threading.Lock()
@@ -73,9 +78,14 @@ class Receiver:
                 else:
                     with receiver._lock:
                         seen = sum(r.msg_id == headers["webhook-id"] for r in receiver.received)
-                        status = 500 if seen < receiver.failures else 204
+                        hold = receiver.hang_first and not receiver.held.is_set()
+                        receiver.held.set()
+                        status = 0 if hold else 500 if seen < receiver.failures else 204
                         receiver.received.append(Received(headers["webhook-id"], int(headers["webhook-timestamp"]),
                                                           body, status))
+                    if hold:
+                        receiver.release.wait(HOLD_S_MAX)
+                        return  # never answered: the sender sees no status
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -100,6 +110,7 @@ class Receiver:
             return Counter(r.msg_id for r in self.received)
 
     def close(self) -> None:
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -139,8 +150,8 @@ class WebhooksProcess:
 def receivers() -> Iterator[Callable[..., Receiver]]:
     made: list[Receiver] = []
 
-    def make(failures: int = 0) -> Receiver:
-        made.append(Receiver(failures))
+    def make(failures: int = 0, hang_first: bool = False) -> Receiver:
+        made.append(Receiver(failures, hang_first))
         return made[-1]
 
     yield make
@@ -153,6 +164,16 @@ def delivery_process(settings: Settings) -> Iterator[WebhooksProcess]:
     process = WebhooksProcess(settings).start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def acme(settings: Settings) -> Iterator[Tenant]:
+    store = ControlStore(settings.control_url)
+    store.create_schema()
+    with store.session() as session:
+        tenant_id, key = session.create_tenant("acme")
+    with TestClient(create_api(settings, store=store)) as client:
+        yield Tenant(client, tenant_id, key)
 
 
 def register(tenant: Tenant, receiver: Receiver) -> str:
@@ -247,3 +268,34 @@ def test_gate_events_reach_every_endpoint_of_their_tenant_signed_and_a_flaky_one
         assert httpx.post(steady.url, content=body, headers=headers, timeout=10).status_code == 401
     assert [m.split()[0] for m in steady.rejected] == ["no", "no", "webhook-timestamp"]
     assert "too old" in steady.rejected[-1]
+
+
+
+def test_a_delivery_process_killed_mid_attempt_loses_nothing_and_the_retry_keeps_the_id(
+        settings: Settings, worker: WorkerProcess, acme: Tenant, receivers: Callable[..., Receiver]) -> None:
+    receiver = receivers(hang_first=True)
+    hook_id = register(acme, receiver)
+    first = WebhooksProcess(settings).start()
+    try:
+        cross_limits(settings, acme.id, ["ana"])
+        wait_processed(settings, worker)
+        ids = {g.gate_id for g in gates(settings)}
+        assert len(ids) == 2
+        # When the first attempt is on the wire, unanswered, the process dies with it.
+        wait_until(receiver.held.is_set, "no attempt arrived", first)
+        first.stop(signal.SIGKILL)
+    finally:
+        first.stop()
+    receiver.release.set()
+    (held,) = [r.msg_id for r in receiver.received if r.status == 0]
+
+    second = WebhooksProcess(settings).start()
+    try:
+        # The killed attempt's lease (ATTEMPT_LEASE_S) ends, and the new process makes it again.
+        wait_until(lambda: set(receiver.accepted()) == ids, "a delivery was lost", second, timeout_s=150)
+    finally:
+        second.stop()
+    assert receiver.rejected == []
+    assert receiver.attempts()[held] == 2, "the retry after the crash did not carry the same webhook-id"
+    log = {d["event_id"]: d for d in acme.call("GET", f"/webhooks/{hook_id}/deliveries").json()["deliveries"]}
+    assert {i: log[i]["state"] for i in ids} == {i: "delivered" for i in ids}

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import msgspec
 from aiokafka import AIOKafkaConsumer
+from sqlalchemy.exc import IntegrityError
 
 from ledger.control.store import ControlStore, DeliveryState, DueDelivery, Outbound
 from ledger.control.webhook_urls import UnsafeURL, check_url
@@ -45,6 +46,7 @@ GATE_BATCH_MAX = 500
 POLL_TIMEOUT_MS = 500
 DISPATCH_IDLE_S = 1.0
 RESPONSE_EXCERPT_BYTES = 200
+RECORD_TRIES_MAX = 3
 USER_AGENT = "usage-ledger-webhooks/1"
 
 # Money as exact JSON numbers, as the API writes it.
@@ -123,6 +125,13 @@ class WebhookDispatcher:
             await consumer.stop()
 
     def _record(self, events: list[Outbound]) -> int:
+        for _ in range(RECORD_TRIES_MAX - 1):
+            try:
+                with self.store.session() as session:
+                    return session.record_deliveries(events, self.clock())
+            except IntegrityError:
+                # Another process recorded some of these (a partition changing hands): the next pass skips them.
+                log.info("deliveries recorded concurrently; recording the batch again")
         with self.store.session() as session:
             return session.record_deliveries(events, self.clock())
 

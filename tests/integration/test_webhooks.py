@@ -118,15 +118,16 @@ class Receiver:
 class WebhooksProcess:
     """`ledger webhooks` in its own process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **env: str) -> None:
         self.settings = settings
+        self.env = env
         self.log_path = settings.home / "webhooks.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WebhooksProcess:
         env = {**os.environ, "LEDGER_HOME": str(self.settings.home), "LEDGER_NAMESPACE": self.settings.namespace,
                "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap, "LEDGER_PARTITIONS": str(self.settings.partitions),
-               "LEDGER_WEBHOOK_RETRY_FIRST_S": str(RETRY_FIRST_S)}
+               "LEDGER_WEBHOOK_RETRY_FIRST_S": str(RETRY_FIRST_S), **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "ledger.cli.main", "webhooks"], env=env, cwd=ROOT,
                                      stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
@@ -299,3 +300,29 @@ def test_a_delivery_process_killed_mid_attempt_loses_nothing_and_the_retry_keeps
     assert receiver.attempts()[held] == 2, "the retry after the crash did not carry the same webhook-id"
     log = {d["event_id"]: d for d in acme.call("GET", f"/webhooks/{hook_id}/deliveries").json()["deliveries"]}
     assert {i: log[i]["state"] for i in ids} == {i: "delivered" for i in ids}
+
+
+
+def test_a_deployment_that_refuses_private_addresses_never_calls_one_even_if_registered_earlier(
+        settings: Settings, worker: WorkerProcess, acme: Tenant, receivers: Callable[..., Receiver]) -> None:
+    # Registered while loopback was allowed (the fixture's API runs with the default setting) ...
+    receiver = receivers()
+    hook_id = register(acme, receiver)
+    # ... then delivered by a process that refuses private addresses: checked again before every attempt.
+    strict = WebhooksProcess(settings, LEDGER_WEBHOOK_ALLOW_PRIVATE="false").start()
+    try:
+        cross_limits(settings, acme.id, ["ana"])
+        wait_processed(settings, worker)
+        ids = {g.gate_id for g in gates(settings)}
+
+        def refused_twice() -> bool:
+            log = acme.call("GET", f"/webhooks/{hook_id}/deliveries").json()["deliveries"]
+            return {d["event_id"] for d in log} == ids and all(d["attempts"] >= 2 for d in log)
+
+        wait_until(refused_twice, "the attempts were not logged", strict)
+    finally:
+        strict.stop()
+    assert receiver.received == [] and receiver.rejected == []
+    for d in acme.call("GET", f"/webhooks/{hook_id}/deliveries").json()["deliveries"]:
+        assert d["state"] == "pending" and d["last_status"] is None and d["next_attempt_at"] is not None
+        assert "non-public address (127.0.0.1)" in d["last_error"]

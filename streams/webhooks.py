@@ -19,6 +19,7 @@ import logging
 import random
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -73,6 +74,18 @@ def outbound(record_value: bytes, timestamp_ms: int) -> Outbound | None:
         return None
     return Outbound(tenant_id=event.tenant, event_id=event.gate_id, payload=_encoder.encode(event).decode(),
                     written_at=datetime.fromtimestamp(timestamp_ms / 1000, UTC))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One attempt, as the delivery log records it."""
+
+    due: DueDelivery
+    state: DeliveryState
+    at: datetime
+    status: int | None
+    error: str | None
+    next_attempt_at: datetime | None
 
 
 class WebhookDispatcher:
@@ -135,23 +148,40 @@ class WebhookDispatcher:
         with self.store.session() as session:
             return session.record_deliveries(events, self.clock())
 
-    def _claim(self, limit: int) -> list[DueDelivery]:
+    def _settle_and_claim(self, outcomes: list[Outcome], limit: int) -> list[DueDelivery]:
+        """Log finished attempts and claim the next due deliveries, in one unit of work."""
         now = self.clock()
         with self.store.session() as session:
+            for o in outcomes:
+                session.record_attempt(o.due.webhook_id, o.due.event_id, state=o.state, at=o.at, status=o.status,
+                                       error=o.error, next_attempt_at=o.next_attempt_at)
+            if limit <= 0:
+                return []
             return session.claim_due(now, now + timedelta(seconds=ATTEMPT_LEASE_S), limit)
 
     async def _dispatch(self, stop: asyncio.Event, ingest: asyncio.Task[None]) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
+        # An attempt's outcome is logged with the next claim: until then a crash leaves its row leased,
+        # so it is attempted again when the lease ends, as after a crash mid-attempt.
+        in_flight: set[asyncio.Task[Outcome]] = set()
+        outcomes: list[Outcome] = []
+
+        def finished() -> list[Outcome]:
+            done = {t for t in in_flight if t.done()}
+            in_flight.difference_update(done)
+            return [t.result() for t in done]
+
         try:
             while not stop.is_set():
                 if ingest.done():
                     ingest.result()  # the consumer failed: stop the process, so it is restarted
                 self._wake.clear()
-                if len(in_flight) < IN_FLIGHT_MAX:
-                    for due in await asyncio.to_thread(self._claim, IN_FLIGHT_MAX - len(in_flight)):
-                        task = asyncio.create_task(self._attempt(due))
-                        in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
+                outcomes += finished()
+                free = IN_FLIGHT_MAX - len(in_flight)
+                # Log and refill when half the slots are free, so the unit of work (a commit) serves a batch.
+                if free * 2 >= IN_FLIGHT_MAX:
+                    claimed = await asyncio.to_thread(self._settle_and_claim, outcomes, free)
+                    outcomes = []
+                    in_flight.update(asyncio.create_task(self._attempt(due)) for due in claimed)
                 waiters = {asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())}
                 await asyncio.wait({*waiters, ingest, *in_flight}, timeout=DISPATCH_IDLE_S,
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -160,8 +190,9 @@ class WebhookDispatcher:
         finally:
             if in_flight:
                 await asyncio.wait(in_flight)
+            await asyncio.to_thread(self._settle_and_claim, outcomes + finished(), 0)
 
-    async def _attempt(self, due: DueDelivery) -> None:
+    async def _attempt(self, due: DueDelivery) -> Outcome:
         assert self._http is not None
         at = self.clock()
         timestamp = int(at.timestamp())
@@ -196,13 +227,7 @@ class WebhookDispatcher:
             state, next_at = DeliveryState.pending, self.clock() + timedelta(seconds=delay)
         log.info("webhook %s to %s: attempt %d, %s%s", due.event_id, due.url, attempt, state.value,
                  f" ({error})" if error else "")
-        await asyncio.to_thread(self._log_attempt, due, state, at, status, error, next_at)
-
-    def _log_attempt(self, due: DueDelivery, state: DeliveryState, at: datetime, status: int | None,
-                     error: str | None, next_at: datetime | None) -> None:
-        with self.store.session() as session:
-            session.record_attempt(due.webhook_id, due.event_id, state=state, at=at, status=status, error=error,
-                                   next_attempt_at=next_at)
+        return Outcome(due, state, at, status, error, next_at)
 
 
 def run_webhooks(settings: Settings) -> None:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -463,41 +464,42 @@ class ControlSession:
     def claim_due(self, now: datetime, lease_until: datetime, limit: int) -> list[DueDelivery]:
         """Pending deliveries due by ``now``, each moved to ``lease_until`` so no other claimant takes it meanwhile.
 
-        A claimant that dies mid-attempt leaves the delivery due again when the lease ends.
+        One UPDATE that re-checks the due time on every row it changes: a concurrent claimant that got
+        a row first has moved it into the future, so the row is not claimed twice. A claimant that dies
+        mid-attempt leaves the delivery due again when the lease ends.
         """
-        rows = self.db.execute(
-            select(DeliveryRow, WebhookRow.url, WebhookRow.secret)
-            .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
-            .where(DeliveryRow.state == DeliveryState.pending.value, DeliveryRow.next_attempt_at <= now,
-                   WebhookRow.enabled.is_(True))
-            .order_by(DeliveryRow.next_attempt_at).limit(limit)).all()
-        claimed = []
-        for row, url, secret in rows:
-            won = self.db.execute(
-                update(DeliveryRow)
-                .where(DeliveryRow.webhook_id == row.webhook_id, DeliveryRow.event_id == row.event_id,
-                       DeliveryRow.state == DeliveryState.pending.value,
-                       DeliveryRow.next_attempt_at == row.next_attempt_at)
-                .values(next_attempt_at=lease_until).execution_options(synchronize_session=False))
-            if won.rowcount == 1:  # type: ignore[attr-defined]
-                claimed.append(DueDelivery(row.webhook_id, row.event_id, url, secret, row.payload, row.attempts))
-        return claimed
+        pending = DeliveryState.pending.value
+        due = (select(DeliveryRow.webhook_id, DeliveryRow.event_id)
+               .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+               .where(DeliveryRow.state == pending, DeliveryRow.next_attempt_at <= now, WebhookRow.enabled.is_(True))
+               .order_by(DeliveryRow.next_attempt_at).limit(limit))
+        claimed = self.db.execute(
+            update(DeliveryRow)
+            .where(tuple_(DeliveryRow.webhook_id, DeliveryRow.event_id).in_(due),
+                   DeliveryRow.state == pending, DeliveryRow.next_attempt_at <= now)
+            .values(next_attempt_at=lease_until)
+            .returning(DeliveryRow.webhook_id, DeliveryRow.event_id, DeliveryRow.payload, DeliveryRow.attempts)
+            .execution_options(synchronize_session=False)).all()
+        if not claimed:
+            return []
+        targets = {row.id: (row.url, row.secret) for row in self.db.execute(
+            select(WebhookRow.id, WebhookRow.url, WebhookRow.secret)
+            .where(WebhookRow.id.in_({c.webhook_id for c in claimed})))}
+        return [DueDelivery(c.webhook_id, c.event_id, *targets[c.webhook_id], c.payload, c.attempts)
+                for c in sorted(claimed, key=lambda c: (c.webhook_id, c.event_id))]
 
     def record_attempt(self, webhook_id: str, event_id: str, *, state: DeliveryState, at: datetime,
                        status: int | None, error: str | None, next_attempt_at: datetime | None) -> bool:
         """Log one attempt's outcome; False when the delivery is gone (its endpoint was deleted)."""
-        row = self.db.get(DeliveryRow, (webhook_id, event_id))
-        if row is None:
-            return False
-        row.attempts += 1
-        row.state = state.value
-        row.last_status = status
-        row.last_error = None if error is None else error[:DELIVERY_ERROR_LENGTH_MAX]
-        row.next_attempt_at = next_attempt_at if state is DeliveryState.pending else None
-        if state is DeliveryState.delivered:
-            row.delivered_at = at
-        self.db.flush()
-        return True
+        changed = self.db.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.webhook_id == webhook_id, DeliveryRow.event_id == event_id)
+            .values(attempts=DeliveryRow.attempts + 1, state=state.value, last_status=status,
+                    last_error=None if error is None else error[:DELIVERY_ERROR_LENGTH_MAX],
+                    next_attempt_at=next_attempt_at if state is DeliveryState.pending else None,
+                    **({"delivered_at": at} if state is DeliveryState.delivered else {}))
+            .execution_options(synchronize_session=False))
+        return bool(changed.rowcount == 1)  # type: ignore[attr-defined]
 
 
 class ControlStore:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -401,6 +402,32 @@ def test_a_due_delivery_is_claimed_once_until_its_lease_ends(store: ControlStore
     with store.session() as db:  # the claimant died: when the lease ends, the delivery is due again
         (again,) = db.claim_due(lease_end, lease_end + timedelta(seconds=60), 10)
     assert again.event_id == "gate-1"
+
+
+def test_two_claimants_at_once_never_get_the_same_delivery(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, n) for n in range(40)], T_WEBHOOK)
+    start = threading.Barrier(2)
+    claimed: list[list[str]] = []
+
+    def claimant() -> None:
+        start.wait()
+        with store.session() as db:
+            got = db.claim_due(T_WEBHOOK, T_WEBHOOK + timedelta(seconds=60), 40)
+        claimed.append([d.event_id for d in got])
+
+    threads = [threading.Thread(target=claimant) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert len(claimed) == 2
+    everything = claimed[0] + claimed[1]
+    assert len(everything) == len(set(everything)), "a delivery was claimed twice"
+    assert set(everything) == {f"gate-{n}" for n in range(40)}
 
 
 def test_attempts_are_logged_until_delivered_or_given_up(store: ControlStore) -> None:

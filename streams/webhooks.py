@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,10 @@ POLL_TIMEOUT_MS = 500
 DISPATCH_IDLE_S = 1.0
 RESPONSE_EXCERPT_BYTES = 200
 RECORD_TRIES_MAX = 3
+# The delivery log keeps finished deliveries this long; pruned at most PRUNE_BATCH_MAX rows every PRUNE_EVERY_S.
+DELIVERY_LOG_RETENTION = timedelta(days=30)
+PRUNE_EVERY_S = 3600.0
+PRUNE_BATCH_MAX = 10_000
 USER_AGENT = "usage-ledger-webhooks/1"
 
 # Money as exact JSON numbers, as the API writes it.
@@ -148,6 +153,12 @@ class WebhookDispatcher:
         with self.store.session() as session:
             return session.record_deliveries(events, self.clock())
 
+    def _prune(self) -> None:
+        with self.store.session() as session:
+            forgotten = session.prune_deliveries(self.clock() - DELIVERY_LOG_RETENTION, PRUNE_BATCH_MAX)
+        if forgotten:
+            log.info("forgot %d deliveries finished more than %s ago", forgotten, DELIVERY_LOG_RETENTION)
+
     def _settle_and_claim(self, outcomes: list[Outcome], limit: int) -> list[DueDelivery]:
         """Log finished attempts and claim the next due deliveries, in one unit of work."""
         now = self.clock()
@@ -170,10 +181,14 @@ class WebhookDispatcher:
             in_flight.difference_update(done)
             return [t.result() for t in done]
 
+        pruned_at = -PRUNE_EVERY_S
         try:
             while not stop.is_set():
                 if ingest.done():
                     ingest.result()  # the consumer failed: stop the process, so it is restarted
+                if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
+                    pruned_at = time.monotonic()
+                    await asyncio.to_thread(self._prune)
                 self._wake.clear()
                 outcomes += finished()
                 free = IN_FLIGHT_MAX - len(in_flight)

@@ -488,6 +488,16 @@ class ControlSession:
         return [DueDelivery(c.webhook_id, c.event_id, *targets[c.webhook_id], c.payload, c.attempts)
                 for c in sorted(claimed, key=lambda c: (c.webhook_id, c.event_id))]
 
+    def prune_deliveries(self, finished_before: datetime, limit: int) -> int:
+        """Forget at most ``limit`` delivered or failed deliveries created before ``finished_before``."""
+        old = (select(DeliveryRow.webhook_id, DeliveryRow.event_id)
+               .where(DeliveryRow.state != DeliveryState.pending.value, DeliveryRow.created_at < finished_before)
+               .limit(limit))
+        gone = self.db.execute(delete(DeliveryRow)
+                               .where(tuple_(DeliveryRow.webhook_id, DeliveryRow.event_id).in_(old))
+                               .execution_options(synchronize_session=False))
+        return int(gone.rowcount)  # type: ignore[attr-defined]
+
     def record_attempt(self, webhook_id: str, event_id: str, *, state: DeliveryState, at: datetime,
                        status: int | None, error: str | None, next_attempt_at: datetime | None) -> bool:
         """Log one attempt's outcome; False when the delivery is gone (its endpoint was deleted)."""

@@ -460,6 +460,28 @@ def test_attempts_are_logged_until_delivered_or_given_up(store: ControlStore) ->
         DeliveryState.failed, 1, None, "connection refused", None)
 
 
+def test_pruning_forgets_old_finished_deliveries_only(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, n) for n in range(5)], T_WEBHOOK)
+        db.record_deliveries([gate(a, 9)], T_WEBHOOK + timedelta(days=2))
+        for n, state in ((0, DeliveryState.delivered), (1, DeliveryState.failed), (2, DeliveryState.delivered),
+                         (9, DeliveryState.delivered)):
+            db.record_attempt(hook.id, f"gate-{n}", state=state, at=T_WEBHOOK, status=None, error=None,
+                              next_attempt_at=None)
+    cutoff = T_WEBHOOK + timedelta(days=1)
+
+    with store.session() as db:
+        assert db.prune_deliveries(cutoff, limit=2) == 2  # bounded per call
+    with store.session() as db:
+        assert db.prune_deliveries(cutoff, limit=100) == 1
+        assert db.prune_deliveries(cutoff, limit=100) == 0
+    with store.session() as db:
+        # Pending ones (3, 4) stay whatever their age, and so does the recent delivered one (9).
+        assert sorted(d.event_id for d in db.deliveries(a, hook.id)) == ["gate-3", "gate-4", "gate-9"]
+
+
 def test_deleting_a_webhook_drops_its_deliveries_and_their_retries(store: ControlStore) -> None:
     a, _ = new_tenant(store, "acme")
     with store.session() as db:

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import msgspec
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import CommitFailedError
 from sqlalchemy.exc import IntegrityError
 
 from ledger.control.store import ControlStore, DeliveryState, DueDelivery, Outbound
@@ -135,7 +136,12 @@ class WebhookDispatcher:
                           and (e := outbound(r.value, r.timestamp)) is not None]
                 added = await asyncio.to_thread(self._record, events)
                 # Only now: every delivery of the batch is in the log, pending until it is delivered or given up.
-                await consumer.commit()
+                try:
+                    await consumer.commit()
+                except CommitFailedError as exc:
+                    # The partitions moved to another member during the batch: it reads the batch again, and
+                    # recording it again adds nothing.
+                    log.warning("offsets not committed (%s); the batch will be read again", exc)
                 if added:
                     log.info("%d gate events: %d deliveries to make", len(events), added)
                     self._wake.set()
@@ -230,7 +236,7 @@ class WebhookDispatcher:
                     error = f"HTTP {status}: {excerpt[:RESPONSE_EXCERPT_BYTES].decode(errors='replace')}"
         except UnsafeURL as exc:
             error = str(exc)
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # whatever breaks one attempt (e.g. httpx.InvalidURL) fails that attempt only
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         attempt = due.attempts + 1
         if error is None:

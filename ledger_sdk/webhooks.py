@@ -48,7 +48,10 @@ def _digest(key: bytes, msg_id: str, timestamp: int, body: bytes) -> bytes:
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value for one attempt: ``v1,<base64 HMAC-SHA256>``."""
+    """The ``webhook-signature`` header value for one attempt: ``v1,<base64 HMAC-SHA256>``.
+
+    A secret that is not ``whsec_`` + base64 raises WebhookVerificationError, as in ``verify``.
+    """
     signature = base64.b64encode(_digest(_key(secret), msg_id, timestamp, body)).decode("ascii")
     return f"{SIGNATURE_VERSION},{signature}"
 

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 
 import httpx
 import msgspec
@@ -50,6 +52,7 @@ POLL_TIMEOUT_MS = 500
 DISPATCH_IDLE_S = 1.0
 RESPONSE_EXCERPT_BYTES = 200
 RECORD_TRIES_MAX = 3
+GONE_REASON = "the endpoint answered 410 Gone and was disabled; register it again to resume deliveries"
 # The delivery log keeps finished deliveries this long; pruned at most PRUNE_BATCH_MAX rows every PRUNE_EVERY_S.
 DELIVERY_LOG_RETENTION = timedelta(days=30)
 PRUNE_EVERY_S = 3600.0
@@ -69,6 +72,24 @@ def retry_delay_s(failed_attempts: int, first_s: float, jitter: float = 0.0) -> 
     """How long to wait after the ``failed_attempts``-th failure; ``jitter`` in [-1, 1] scales RETRY_JITTER."""
     base = min(first_s * RETRY_FACTOR ** (failed_attempts - 1), RETRY_DELAY_S_MAX)
     return float(base * (1 + RETRY_JITTER * jitter))
+
+
+def retry_after(value: str | None, now: datetime) -> float:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP date), at most RETRY_DELAY_S_MAX; 0 if none."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return 0.0
+        if when.tzinfo is None:
+            return 0.0
+        seconds = (when - now).total_seconds()
+    return float(min(max(seconds, 0.0), RETRY_DELAY_S_MAX))
 
 
 def outbound(record_value: bytes, timestamp_ms: int) -> Outbound | None:
@@ -92,6 +113,8 @@ class Outcome:
     status: int | None
     error: str | None
     next_attempt_at: datetime | None
+    # The endpoint answered 410 Gone: it is disabled, and its other pending deliveries fail.
+    gone: bool = False
 
 
 class WebhookDispatcher:
@@ -172,6 +195,9 @@ class WebhookDispatcher:
             for o in outcomes:
                 session.record_attempt(o.due.webhook_id, o.due.event_id, state=o.state, at=o.at, status=o.status,
                                        error=o.error, next_attempt_at=o.next_attempt_at)
+                if o.gone:
+                    session.disable_webhook(o.due.webhook_id, GONE_REASON)
+                    log.warning("webhook endpoint %s (%s) answered 410 Gone: disabled", o.due.webhook_id, o.due.url)
             if limit <= 0:
                 return []
             return session.claim_due(now, now + timedelta(seconds=ATTEMPT_LEASE_S), limit)
@@ -222,11 +248,13 @@ class WebhookDispatcher:
                    "webhook-timestamp": str(timestamp), "webhook-signature": sign(due.secret, due.event_id, timestamp, body)}
         status: int | None = None
         error: str | None = None
+        retry_after_s = 0.0
         try:
             # Checked before every attempt: what a name resolves to can change after registration.
             await check_url(due.url, allow_private=self.settings.webhook_allow_private)
             async with self._http.stream("POST", due.url, content=body, headers=headers) as response:
                 status = response.status_code
+                retry_after_s = retry_after(response.headers.get("retry-after"), at)
                 if not 200 <= status < 300:
                     excerpt = b""
                     async for chunk in response.aiter_bytes():
@@ -241,14 +269,16 @@ class WebhookDispatcher:
         attempt = due.attempts + 1
         if error is None:
             state, next_at = DeliveryState.delivered, None
-        elif attempt >= ATTEMPTS_MAX:
+        elif attempt >= ATTEMPTS_MAX or status == HTTPStatus.GONE:
             state, next_at = DeliveryState.failed, None
         else:
             delay = retry_delay_s(attempt, self.settings.webhook_retry_first_s, random.uniform(-1, 1))
+            # A receiver that asks for more time (429, 503) gets it, up to the longest delay of the schedule.
+            delay = max(delay, retry_after_s)
             state, next_at = DeliveryState.pending, self.clock() + timedelta(seconds=delay)
         log.info("webhook %s to %s: attempt %d, %s%s", due.event_id, due.url, attempt, state.value,
                  f" ({error})" if error else "")
-        return Outcome(due, state, at, status, error, next_at)
+        return Outcome(due, state, at, status, error, next_at, gone=status == HTTPStatus.GONE)
 
 
 def run_webhooks(settings: Settings) -> None:

@@ -488,6 +488,17 @@ class ControlSession:
         return [DueDelivery(c.webhook_id, c.event_id, *targets[c.webhook_id], c.payload, c.attempts)
                 for c in sorted(claimed, key=lambda c: (c.webhook_id, c.event_id))]
 
+    def disable_webhook(self, webhook_id: str, reason: str) -> int:
+        """Stop delivering to an endpoint (it answered 410 Gone): its pending deliveries fail with ``reason``."""
+        self.db.execute(update(WebhookRow).where(WebhookRow.id == webhook_id).values(enabled=False)
+                        .execution_options(synchronize_session=False))
+        failed = self.db.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.webhook_id == webhook_id, DeliveryRow.state == DeliveryState.pending.value)
+            .values(state=DeliveryState.failed.value, next_attempt_at=None, last_error=reason[:DELIVERY_ERROR_LENGTH_MAX])
+            .execution_options(synchronize_session=False))
+        return int(failed.rowcount)  # type: ignore[attr-defined]
+
     def prune_deliveries(self, finished_before: datetime, limit: int) -> int:
         """Forget at most ``limit`` delivered or failed deliveries created before ``finished_before``."""
         old = (select(DeliveryRow.webhook_id, DeliveryRow.event_id)

@@ -11,6 +11,7 @@ import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
@@ -458,6 +459,26 @@ def test_attempts_are_logged_until_delivered_or_given_up(store: ControlStore) ->
     assert one.last_error is None
     assert (two.state, two.attempts, two.last_status, two.last_error, two.delivered_at) == (
         DeliveryState.failed, 1, None, "connection refused", None)
+
+
+def test_a_disabled_webhook_gets_nothing_more_and_its_pending_deliveries_fail(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        gone, _ = db.create_webhook(a, "https://a.example/gone")
+        kept, _ = db.create_webhook(a, "https://a.example/kept")
+        db.record_deliveries([gate(a, 1), gate(a, 2)], T_WEBHOOK)
+        db.record_attempt(gone.id, "gate-1", state=DeliveryState.delivered, at=T_WEBHOOK, status=200, error=None,
+                          next_attempt_at=None)
+
+    with store.session() as db:
+        assert db.disable_webhook(gone.id, "answered 410") == 1
+    with store.session() as db:
+        assert db.record_deliveries([gate(a, 3)], T_WEBHOOK) == 1  # for the enabled endpoint only
+        claimed = db.claim_due(T_WEBHOOK, T_WEBHOOK + timedelta(minutes=1), 10)
+        log = {d.event_id: (d.state, d.last_error) for d in db.deliveries(a, gone.id)}
+        assert db.webhook(a, gone.id) == replace(gone, enabled=False)
+    assert sorted((d.webhook_id, d.event_id) for d in claimed) == [(kept.id, f"gate-{n}") for n in (1, 2, 3)]
+    assert log == {"gate-1": (DeliveryState.delivered, None), "gate-2": (DeliveryState.failed, "answered 410")}
 
 
 def test_pruning_forgets_old_finished_deliveries_only(store: ControlStore) -> None:

@@ -36,6 +36,7 @@ DELIVERY_WAIT_S = 90.0
 RETRY_FIRST_S = 1  # the process's first retry delay: the third attempt comes about 1 + 4 s after the first
 FAILURES_BEFORE_SUCCESS = 2
 HOLD_S_MAX = 120.0
+RETRY_AFTER_S = 3
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,20 @@ class Received:
     timestamp: int
     body: bytes
     status: int  # what the receiver answered
+    arrived_s: float  # time.monotonic() on arrival
 
 
 class Receiver:
     """A real HTTP server on loopback that verifies every request with ``ledger_sdk.webhooks.verify``.
 
-    Unverifiable requests get 401 and are never processed. ``failures`` verified attempts of each id
-    are answered 500 before the receiver accepts that id (204).
+    Unverifiable requests get 401 and are never processed. The first verified attempts of each id get
+    ``answers`` (status and headers; by default ``failures`` times 500), later ones 204.
     """
 
-    def __init__(self, failures: int = 0, hang_first: bool = False) -> None:
+    def __init__(self, failures: int = 0, hang_first: bool = False,
+                 answers: list[tuple[int, dict[str, str]]] | None = None) -> None:
         self.secret = ""
-        self.failures = failures
+        self.answers = [(500, {})] * failures if answers is None else answers
         # The first verified request is held unanswered until ``release`` is set (a sender that dies meanwhile).
         self.hang_first = hang_first
         self.held = threading.Event()
@@ -74,19 +77,22 @@ class Receiver:
                 except WebhookVerificationError as exc:
                     with receiver._lock:
                         receiver.rejected.append(str(exc))
-                    status = 401
+                    status, extra = 401, {}
                 else:
                     with receiver._lock:
                         seen = sum(r.msg_id == headers["webhook-id"] for r in receiver.received)
                         hold = receiver.hang_first and not receiver.held.is_set()
                         receiver.held.set()
-                        status = 0 if hold else 500 if seen < receiver.failures else 204
+                        status, extra = (0, {}) if hold else receiver.answers[seen] if seen < len(receiver.answers) \
+                            else (204, {})
                         receiver.received.append(Received(headers["webhook-id"], int(headers["webhook-timestamp"]),
-                                                          body, status))
+                                                          body, status, time.monotonic()))
                     if hold:
                         receiver.release.wait(HOLD_S_MAX)
                         return  # never answered: the sender sees no status
                 self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -151,8 +157,9 @@ class WebhooksProcess:
 def receivers() -> Iterator[Callable[..., Receiver]]:
     made: list[Receiver] = []
 
-    def make(failures: int = 0, hang_first: bool = False) -> Receiver:
-        made.append(Receiver(failures, hang_first))
+    def make(failures: int = 0, hang_first: bool = False,
+             answers: list[tuple[int, dict[str, str]]] | None = None) -> Receiver:
+        made.append(Receiver(failures, hang_first, answers))
         return made[-1]
 
     yield make
@@ -326,3 +333,43 @@ def test_a_deployment_that_refuses_private_addresses_never_calls_one_even_if_reg
     for d in acme.call("GET", f"/webhooks/{hook_id}/deliveries").json()["deliveries"]:
         assert d["state"] == "pending" and d["last_status"] is None and d["next_attempt_at"] is not None
         assert "non-public address (127.0.0.1)" in d["last_error"]
+
+
+
+def test_a_receiver_that_asks_for_time_gets_it_and_one_that_is_gone_is_disabled(
+        settings: Settings, worker: WorkerProcess, delivery_process: WebhooksProcess, acme: Tenant,
+        receivers: Callable[..., Receiver]) -> None:
+    busy = receivers(answers=[(503, {"Retry-After": str(RETRY_AFTER_S)})])
+    gone = receivers(answers=[(410, {})])
+    register(acme, busy)
+    gone_id = register(acme, gone)
+
+    cross_limits(settings, acme.id, ["ana"])
+    wait_processed(settings, worker)
+    ids = {g.gate_id for g in gates(settings)}
+
+    def gone_log() -> dict[str, tuple[str, int]]:
+        deliveries = acme.call("GET", f"/webhooks/{gone_id}/deliveries").json()["deliveries"]
+        return {d["event_id"]: (d["state"], d["attempts"]) for d in deliveries}
+
+    wait_until(lambda: set(busy.accepted()) == ids and {s for s, _ in gone_log().values()} == {"failed"},
+               "deliveries missing", delivery_process)
+
+    # The retry waited as long as the 503 asked, not the schedule's first second.
+    for msg_id in ids:
+        first, second = [r for r in busy.received if r.msg_id == msg_id]
+        assert (first.status, second.status) == (503, 204)
+        assert second.arrived_s - first.arrived_s >= RETRY_AFTER_S - 0.1
+    # 410 Gone: the endpoint is disabled at its first such answer and every delivery to it fails; none is
+    # retried (one made at the same time may have been answered 410 too).
+    time.sleep(3 * RETRY_FIRST_S)
+    attempts = gone.attempts()
+    assert set(attempts) <= ids and set(attempts.values()) == {1} and [r.status for r in gone.received][0] == 410
+    assert acme.call("GET", f"/webhooks/{gone_id}").json()["enabled"] is False
+    assert gone_log() == {i: ("failed", attempts[i]) for i in ids}
+    # Gate events written after that are not even recorded for it.
+    cross_limits(settings, acme.id, ["bo"])
+    wait_processed(settings, worker)
+    later = {g.gate_id for g in gates(settings)} - ids
+    wait_until(lambda: set(busy.accepted()) == ids | later, "later deliveries missing", delivery_process)
+    assert len(acme.call("GET", f"/webhooks/{gone_id}/deliveries").json()["deliveries"]) == len(ids)

@@ -10,7 +10,15 @@ import pytest
 
 from ledger.events import GateEvent
 from streams.codecs import encode
-from streams.webhooks import ATTEMPTS_MAX, RETRY_DELAY_S_MAX, RETRY_FACTOR, RETRY_JITTER, outbound, retry_delay_s
+from streams.webhooks import (
+    ATTEMPTS_MAX,
+    RETRY_DELAY_S_MAX,
+    RETRY_FACTOR,
+    RETRY_JITTER,
+    outbound,
+    retry_after,
+    retry_delay_s,
+)
 
 GATE = GateEvent(gate_id="5f1c0d9e-0000-5000-8000-000000000001", tenant="t1", user="u42", kind="hard_block",
                  dimension="period_spend", model=None, threshold=Decimal("1.00"), used=Decimal("1.000750000000"),
@@ -47,3 +55,16 @@ def test_a_delivery_body_is_the_gate_event_with_money_as_exact_json_numbers() ->
 @pytest.mark.parametrize("value", [b"not json", b"{}", b'{"gate_id": 1}'])
 def test_a_record_that_is_not_a_gate_event_is_skipped(value: bytes) -> None:
     assert outbound(value, 0) is None
+
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("header", "seconds"), [
+    (None, 0), ("", 0), ("120", 120), (" 7 ", 7), ("0", 0), ("-5", 0), ("soon", 0), ("1.5", 0),
+    ("Thu, 26 Nov 2026 12:00:30 GMT", 30), ("Thu, 26 Nov 2026 11:00:00 GMT", 0),
+    ("Thu, 26 Nov 2026 12:00:30", 0),  # a date without its zone is not an HTTP date
+    (str(10 * RETRY_DELAY_S_MAX), RETRY_DELAY_S_MAX), ("Sat, 26 Nov 2050 12:00:00 GMT", RETRY_DELAY_S_MAX),
+])
+def test_retry_after_is_read_as_seconds_or_a_date_and_bounded(header: str | None, seconds: float) -> None:
+    assert retry_after(header, NOW) == seconds

@@ -1,5 +1,5 @@
 # The usage-ledger image: one image for every process (`ledger worker`,
-# `ledger projector`, `ledger api`, and the one-off commands such as
+# `ledger projector`, `ledger webhooks`, `ledger api`, and the one-off commands such as
 # `ledger plans publish`). docker-compose.yml runs it against Kafka and PostgreSQL.
 FROM python:3.11-slim
 

@@ -40,6 +40,7 @@ bench: broker
 	$(BIN)/python -m tests.benchmarks.pipeline
 	$(BIN)/python -m tests.benchmarks.checks
 	$(BIN)/python -m tests.benchmarks.history
+	$(BIN)/python -m tests.benchmarks.webhooks
 
 check: install
 	$(BIN)/ruff check ledger ledger_sdk streams projections tests examples

@@ -10,6 +10,7 @@ from pathlib import Path
 
 LOCAL_BROKER_PORT = 19092
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+WEBHOOK_RETRY_FIRST_S_MAX = 3600
 
 
 class SettingsError(ValueError):
@@ -32,6 +33,11 @@ class Settings:
     api_port: int = 18000
     # How often the leader worker writes a clock tick to every partition (0: never).
     tick_seconds: int = 60
+    # Webhook URLs may name loopback or private addresses (local stacks and tests need them). Production
+    # deployments set this to false so a tenant cannot make the delivery process call internal services (SSRF).
+    webhook_allow_private: bool = True
+    # The first retry of a failed webhook delivery waits this long; each later one waits longer (see streams/webhooks.py).
+    webhook_retry_first_s: int = 5
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -40,6 +46,9 @@ class Settings:
             raise SettingsError(f"LEDGER_PARTITIONS must be between 1 and 1024, got {self.partitions}")
         if self.store not in ("memory://", "rocksdb://"):
             raise SettingsError(f"LEDGER_STORE must be memory:// or rocksdb://, got {self.store!r}")
+        if not 1 <= self.webhook_retry_first_s <= WEBHOOK_RETRY_FIRST_S_MAX:
+            raise SettingsError(f"LEDGER_WEBHOOK_RETRY_FIRST_S must be between 1 and {WEBHOOK_RETRY_FIRST_S_MAX}, "
+                                f"got {self.webhook_retry_first_s}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -57,6 +66,8 @@ class Settings:
             price_overrides=Path(env["LEDGER_PRICE_OVERRIDES"]) if env.get("LEDGER_PRICE_OVERRIDES") else None,
             api_port=_int(env, "LEDGER_API_PORT", 18000),
             tick_seconds=_int(env, "LEDGER_TICK_SECONDS", 60),
+            webhook_allow_private=_bool(env, "LEDGER_WEBHOOK_ALLOW_PRIVATE", True),
+            webhook_retry_first_s=_int(env, "LEDGER_WEBHOOK_RETRY_FIRST_S", 5),
         )
 
     @property
@@ -85,3 +96,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(env.get(name, str(default)))
     except ValueError:
         raise SettingsError(f"{name} must be an integer") from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {value!r}")

@@ -6,6 +6,7 @@ exceptions; these are for refusals and broken infrastructure::
     LedgerError
      ├── Blocked                a pre-call check answered 402: ``reason``, ``dimension``
      ├── TransportError         no answer: connection refused, timed out (after the retries)
+     ├── WebhookVerificationError  (ledger_sdk.webhooks) a delivery's signature or timestamp is wrong
      └── APIError               an HTTP answer that is not a success: ``status_code``, ``detail``
           ├── AuthenticationError   401: missing, unknown or revoked key
           ├── PermissionDenied      403: the key lacks the scope

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
-from ledger.api import calls, gates, plans, spend, tiers, usage, users
+from ledger.api import calls, gates, plans, spend, tiers, usage, users, webhooks
 from ledger.api.wire import install_openapi
 from ledger.catalog import load_catalog
 from ledger.control.config import CommandLog
@@ -51,7 +51,8 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
     app.state.settings = settings
     app.state.catalog = load_catalog(overrides=settings.price_overrides)
     app.state.gate_streams = gates.StreamSlots()
-    for router in (calls.router, gates.router, plans.router, spend.router, tiers.router, usage.router, users.router):
+    for router in (calls.router, gates.router, plans.router, spend.router, tiers.router, usage.router, users.router,
+                   webhooks.router):
         app.include_router(router, prefix="/api/v1")
     install_openapi(app)
 

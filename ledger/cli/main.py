@@ -96,9 +96,17 @@ def projector() -> None:
 
 
 @cli.command()
+def webhooks() -> None:
+    """Deliver gate events to the tenants' webhooks in the foreground (signed, retried, logged)."""
+    from streams.webhooks import run_webhooks
+
+    run_webhooks(_settings())
+
+
+@cli.command()
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16))
 def up(workers: int) -> None:
-    """Start the local stack in the background: broker, worker(s), projector."""
+    """Start the local stack in the background: broker, worker(s), projector, webhook delivery, API."""
     from ledger.cli import stack
     from streams.topics import ensure_topics
 
@@ -109,6 +117,7 @@ def up(workers: int) -> None:
     for i in range(workers):
         stack.start(settings, f"worker-{i}", ["worker", "--worker-id", str(i)])
     stack.start(settings, "projector", ["projector"])
+    stack.start(settings, "webhooks", ["webhooks"])
     stack.start(settings, "api", ["api", "--port", str(settings.api_port)])
     stack.wait_for_http(f"{settings.api_url}/docs", API_START_TIMEOUT_S)
     click.echo(f"API ready at {settings.api_url} (OpenAPI at {settings.api_url}/docs)")

@@ -6,6 +6,7 @@ comparison is constant-time. The plain key is shown once, at creation.
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import hmac
@@ -13,6 +14,9 @@ import secrets
 
 KEY_RANDOM_BYTES = 32  # 256 bits
 KEY_LENGTH_MAX = 128
+# Standard Webhooks: a symmetric secret is 24 to 64 random bytes, shown as `whsec_` + base64.
+WEBHOOK_SECRET_BYTES = 32
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 class Scope(enum.StrEnum):
@@ -38,3 +42,8 @@ def matches(key: str, stored_digest: str) -> bool:
 
 def looks_like_key(key: str) -> bool:
     return key.startswith(("pg_live_", "pg_test_")) and 8 < len(key) <= KEY_LENGTH_MAX
+
+
+def new_webhook_secret() -> str:
+    """A webhook signing secret. Unlike a key it is stored as it is: the sender needs it to sign."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(WEBHOOK_SECRET_BYTES)).decode("ascii")

@@ -8,8 +8,9 @@ that records them here, so the processor sees them in order.
 
 from __future__ import annotations
 
+import enum
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 from sqlalchemy import (
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -27,14 +29,17 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     select,
+    tuple_,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from ledger.control.keys import ALL_SCOPES, Scope, digest, looks_like_key, matches, new_key
+from ledger.control.keys import ALL_SCOPES, Scope, digest, looks_like_key, matches, new_key, new_webhook_secret
 from ledger.plans import Plan
 from ledger.tiers import Tier
 
@@ -42,6 +47,11 @@ NAME_LENGTH_MAX = 128
 EVENT_ID_LENGTH_MAX = 128
 # Ingested event ids remembered per tenant, to answer a retry `duplicate` (the processor dedups regardless).
 INGESTED_IDS_PER_TENANT_MAX = 100_000
+WEBHOOK_URL_LENGTH_MAX = 2048
+WEBHOOK_DESCRIPTION_LENGTH_MAX = 256
+WEBHOOKS_PER_TENANT_MAX = 20
+DELIVERY_ERROR_LENGTH_MAX = 500
+DELIVERIES_PAGE_MAX = 1000
 
 
 def _now() -> datetime:
@@ -123,6 +133,44 @@ class IngestedRow(Base):
     digest: Mapped[str] = mapped_column(String(64))
 
 
+class WebhookRow(Base):
+    """An endpoint that receives the tenant's gate events, signed with its own secret."""
+
+    __tablename__ = "webhooks"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    url: Mapped[str] = mapped_column(String(WEBHOOK_URL_LENGTH_MAX))
+    description: Mapped[str] = mapped_column(String(WEBHOOK_DESCRIPTION_LENGTH_MAX), default="")
+    # Kept as it is (not hashed): the delivery process signs with it. Shown to the tenant once, at creation.
+    secret: Mapped[str] = mapped_column(String(128))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class DeliveryState(enum.StrEnum):
+    pending = "pending"        # waiting for its next attempt (next_attempt_at)
+    delivered = "delivered"    # an attempt was answered 2xx
+    failed = "failed"          # every attempt failed; no more will be made
+
+
+class DeliveryRow(Base):
+    """One gate event for one endpoint: the delivery log, and the queue of retries."""
+
+    __tablename__ = "webhook_deliveries"
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id"), primary_key=True)
+    # The gate event's id: the `webhook-id` of every attempt, so receivers can deduplicate retries.
+    event_id: Mapped[str] = mapped_column(String(NAME_LENGTH_MAX), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    payload: Mapped[str] = mapped_column(Text)  # the exact body every attempt sends
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.pending.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(DELIVERY_ERROR_LENGTH_MAX), nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is calling: the tenant comes from the key, never from the request."""
@@ -149,6 +197,50 @@ class Snapshot:
     tiers: list[tuple[str, str, str, Tier]]           # (tenant id, tier id, plan id, tier)
 
 
+@dataclass(frozen=True)
+class Webhook:
+    id: str
+    url: str
+    description: str
+    enabled: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    webhook_id: str
+    event_id: str
+    state: DeliveryState
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A gate event to deliver: ``written_at`` is when it entered the log (endpoints created later skip it)."""
+
+    tenant_id: str
+    event_id: str
+    payload: str
+    written_at: datetime
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """A delivery claimed for one attempt, with what the attempt needs."""
+
+    webhook_id: str
+    event_id: str
+    url: str
+    secret: str
+    payload: str
+    attempts: int
+
+
 class Conflict(Exception):
     """The thing exists already (answered with 409)."""
 
@@ -162,6 +254,15 @@ def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _webhook(row: WebhookRow) -> Webhook:
+    return Webhook(row.id, row.url, row.description, row.enabled, _utc(row.created_at) or _now())
+
+
+def _delivery(row: DeliveryRow) -> Delivery:
+    return Delivery(row.webhook_id, row.event_id, DeliveryState(row.state), row.attempts, row.last_status,
+                    row.last_error, _utc(row.next_attempt_at), _utc(row.delivered_at), _utc(row.created_at) or _now())
 
 
 def _user(row: UserRow) -> User:
@@ -347,6 +448,143 @@ class ControlSession:
         if oldest_kept is not None:
             self.db.execute(delete(IngestedRow).where(IngestedRow.tenant_id == tenant_id,
                                                       IngestedRow.seq < oldest_kept))
+    # -- webhooks ------------------------------------------------------------------------
+
+    def create_webhook(self, tenant_id: str, url: str, description: str = "") -> tuple[Webhook, str]:
+        """A new endpoint and its signing secret (returned here only)."""
+        count = self.db.scalar(select(func.count()).select_from(WebhookRow).where(WebhookRow.tenant_id == tenant_id))
+        if (count or 0) >= WEBHOOKS_PER_TENANT_MAX:
+            raise Conflict(f"a tenant has at most {WEBHOOKS_PER_TENANT_MAX} webhooks; delete one first")
+        secret = new_webhook_secret()
+        row = WebhookRow(tenant_id=tenant_id, url=url, description=description, secret=secret, enabled=True,
+                         created_at=_now())
+        self.db.add(row)
+        self.db.flush()
+        return _webhook(row), secret
+
+    def webhooks(self, tenant_id: str) -> list[Webhook]:
+        rows = self.db.scalars(select(WebhookRow).where(WebhookRow.tenant_id == tenant_id)
+                               .order_by(WebhookRow.created_at, WebhookRow.id))
+        return [_webhook(r) for r in rows]
+
+    def _webhook_row(self, tenant_id: str, webhook_id: str) -> WebhookRow | None:
+        if "\x00" in webhook_id:  # PostgreSQL text cannot hold NUL, so no row has it
+            return None
+        return self.db.scalar(select(WebhookRow).where(WebhookRow.tenant_id == tenant_id, WebhookRow.id == webhook_id))
+
+    def webhook(self, tenant_id: str, webhook_id: str) -> Webhook | None:
+        row = self._webhook_row(tenant_id, webhook_id)
+        return None if row is None else _webhook(row)
+
+    def delete_webhook(self, tenant_id: str, webhook_id: str) -> bool:
+        """Remove the endpoint and its delivery log; its pending retries are never attempted."""
+        row = self._webhook_row(tenant_id, webhook_id)
+        if row is None:
+            return False
+        self.db.execute(delete(DeliveryRow).where(DeliveryRow.webhook_id == row.id))
+        self.db.delete(row)
+        self.db.flush()
+        return True
+
+    def deliveries(self, tenant_id: str, webhook_id: str, limit: int = 100) -> list[Delivery]:
+        """The endpoint's delivery log, newest first."""
+        rows = self.db.scalars(select(DeliveryRow)
+                               .where(DeliveryRow.tenant_id == tenant_id, DeliveryRow.webhook_id == webhook_id)
+                               .order_by(DeliveryRow.created_at.desc(), DeliveryRow.event_id)
+                               .limit(min(limit, DELIVERIES_PAGE_MAX)))
+        return [_delivery(r) for r in rows]
+
+    # The delivery process works across tenants: these are the only queries not scoped to one.
+
+    def record_deliveries(self, events: Sequence[Outbound], now: datetime) -> int:
+        """One pending delivery per event and enabled endpoint of its tenant; those that exist are kept as they are.
+
+        Idempotent, so a batch read again after a crash adds nothing. Returns how many were added.
+        """
+        tenants = {e.tenant_id for e in events}
+        if not tenants:
+            return 0
+        endpoints = self.db.execute(select(WebhookRow.id, WebhookRow.tenant_id, WebhookRow.created_at)
+                                    .where(WebhookRow.tenant_id.in_(tenants), WebhookRow.enabled.is_(True))).all()
+        if not endpoints:
+            return 0
+        existing = set(self.db.execute(
+            select(DeliveryRow.webhook_id, DeliveryRow.event_id)
+            .where(DeliveryRow.event_id.in_({e.event_id for e in events}))).tuples())
+        added = 0
+        for e in events:
+            for webhook_id, tenant_id, created_at in endpoints:
+                created = _utc(created_at)
+                if tenant_id != e.tenant_id or (webhook_id, e.event_id) in existing or (created and created > e.written_at):
+                    continue
+                existing.add((webhook_id, e.event_id))
+                self.db.add(DeliveryRow(webhook_id=webhook_id, event_id=e.event_id, tenant_id=tenant_id,
+                                        payload=e.payload, state=DeliveryState.pending.value, attempts=0,
+                                        next_attempt_at=now, created_at=now))
+                added += 1
+        self.db.flush()
+        return added
+
+    def claim_due(self, now: datetime, lease_until: datetime, limit: int) -> list[DueDelivery]:
+        """Pending deliveries due by ``now``, each moved to ``lease_until`` so no other claimant takes it meanwhile.
+
+        One UPDATE that re-checks the due time on every row it changes: a concurrent claimant that got
+        a row first has moved it into the future, so the row is not claimed twice. A claimant that dies
+        mid-attempt leaves the delivery due again when the lease ends.
+        """
+        pending = DeliveryState.pending.value
+        due = (select(DeliveryRow.webhook_id, DeliveryRow.event_id)
+               .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+               .where(DeliveryRow.state == pending, DeliveryRow.next_attempt_at <= now, WebhookRow.enabled.is_(True))
+               .order_by(DeliveryRow.next_attempt_at).limit(limit))
+        claimed = self.db.execute(
+            update(DeliveryRow)
+            .where(tuple_(DeliveryRow.webhook_id, DeliveryRow.event_id).in_(due),
+                   DeliveryRow.state == pending, DeliveryRow.next_attempt_at <= now)
+            .values(next_attempt_at=lease_until)
+            .returning(DeliveryRow.webhook_id, DeliveryRow.event_id, DeliveryRow.payload, DeliveryRow.attempts)
+            .execution_options(synchronize_session=False)).all()
+        if not claimed:
+            return []
+        targets = {row.id: (row.url, row.secret) for row in self.db.execute(
+            select(WebhookRow.id, WebhookRow.url, WebhookRow.secret)
+            .where(WebhookRow.id.in_({c.webhook_id for c in claimed})))}
+        return [DueDelivery(c.webhook_id, c.event_id, *targets[c.webhook_id], c.payload, c.attempts)
+                for c in sorted(claimed, key=lambda c: (c.webhook_id, c.event_id))]
+
+    def disable_webhook(self, webhook_id: str, reason: str) -> int:
+        """Stop delivering to an endpoint (it answered 410 Gone): its pending deliveries fail with ``reason``."""
+        self.db.execute(update(WebhookRow).where(WebhookRow.id == webhook_id).values(enabled=False)
+                        .execution_options(synchronize_session=False))
+        failed = self.db.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.webhook_id == webhook_id, DeliveryRow.state == DeliveryState.pending.value)
+            .values(state=DeliveryState.failed.value, next_attempt_at=None, last_error=reason[:DELIVERY_ERROR_LENGTH_MAX])
+            .execution_options(synchronize_session=False))
+        return int(failed.rowcount)  # type: ignore[attr-defined]
+
+    def prune_deliveries(self, finished_before: datetime, limit: int) -> int:
+        """Forget at most ``limit`` delivered or failed deliveries created before ``finished_before``."""
+        old = (select(DeliveryRow.webhook_id, DeliveryRow.event_id)
+               .where(DeliveryRow.state != DeliveryState.pending.value, DeliveryRow.created_at < finished_before)
+               .limit(limit))
+        gone = self.db.execute(delete(DeliveryRow)
+                               .where(tuple_(DeliveryRow.webhook_id, DeliveryRow.event_id).in_(old))
+                               .execution_options(synchronize_session=False))
+        return int(gone.rowcount)  # type: ignore[attr-defined]
+
+    def record_attempt(self, webhook_id: str, event_id: str, *, state: DeliveryState, at: datetime,
+                       status: int | None, error: str | None, next_attempt_at: datetime | None) -> bool:
+        """Log one attempt's outcome; False when the delivery is gone (its endpoint was deleted)."""
+        changed = self.db.execute(
+            update(DeliveryRow)
+            .where(DeliveryRow.webhook_id == webhook_id, DeliveryRow.event_id == event_id)
+            .values(attempts=DeliveryRow.attempts + 1, state=state.value, last_status=status,
+                    last_error=None if error is None else error[:DELIVERY_ERROR_LENGTH_MAX],
+                    next_attempt_at=next_attempt_at if state is DeliveryState.pending else None,
+                    **({"delivered_at": at} if state is DeliveryState.delivered else {}))
+            .execution_options(synchronize_session=False))
+        return bool(changed.rowcount == 1)  # type: ignore[attr-defined]
 
 
 class ControlStore:

@@ -70,6 +70,7 @@ UNDOCUMENTED: dict[str, set[int]] = {
     f"POST {PREFIX}/config/plans": {201},  # 201 when something was created, 200 when all were duplicates
     f"POST {PREFIX}/config/tiers": {201},
     f"POST {PREFIX}/users": {409},
+    f"POST {PREFIX}/webhooks": {409},  # a tenant's webhooks are bounded (WEBHOOKS_PER_TENANT_MAX)
 }
 
 
@@ -85,7 +86,7 @@ class Seeded:
 
 
 def _seed(schema: BaseSchema, auth: dict[str, str]) -> dict[str, list[str]]:
-    """The plans guide's plans, the tiers guide's tiers (where their codes are free) and two users."""
+    """The plans guide's plans, the tiers guide's tiers (where their codes are free), two users and a webhook."""
     def post(path: str, body: Any = None, raw: bytes | None = None) -> Any:
         case = schema[PREFIX + path]["POST"].Case(media_type="application/json", **({} if raw else {"body": body}))
         response = case.call(headers={**auth, "Content-Type": "application/json"}, **({"data": raw} if raw else {}))
@@ -102,8 +103,11 @@ def _seed(schema: BaseSchema, auth: dict[str, str]) -> dict[str, list[str]]:
         tier_ids = [t["id"] for t in created]
         plan_ids += [t["plan_id"] for t in created]
     users = [post("/users", {"external_id": USERS[0], "plan_id": plan_ids[0]}), post("/users", {"external_id": USERS[1]})]
-    return {"plan_id": plan_ids, "tier_id": tier_ids, "user_id": [u["id"] for u in users], "user": USERS,
-            "name": ["daily"]}
+    webhook_ids: list[str] = []
+    if schema.find_operation_by_label(f"POST {PREFIX}/webhooks") is not None:
+        webhook_ids.append(post("/webhooks", {"url": "http://127.0.0.1:9/hooks"})["id"])
+    return {"plan_id": plan_ids, "tier_id": tier_ids, "user_id": [u["id"] for u in users], "webhook_id": webhook_ids,
+            "user": USERS, "name": ["daily"]}
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from ledger.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-APP_SERVICES = ("worker", "projector", "api")
+APP_SERVICES = ("worker", "projector", "webhooks", "api")
 # Read by the control plane once it exists; everything else is read by ledger/settings.py.
 FUTURE_SETTINGS = {"LEDGER_DATABASE_URL"}
 
@@ -156,11 +156,13 @@ def test_app_settings_are_the_ones_the_project_reads(config: dict[str, Any]) -> 
 
 def test_commands_exist(config: dict[str, Any]) -> None:
     services = config["services"]
-    for name in ("worker", "projector"):
+    for name in ("worker", "projector", "webhooks"):
         command = services[name]["command"]
         assert command[0] in cli.commands, f"{name} runs `ledger {' '.join(command)}`, which is no command"
     assert "status" in broker.commands
     assert services["projector"]["healthcheck"]["test"] == ["CMD", "ledger", "broker", "status"]
+    assert Settings.from_env({str(k): str(v) for k, v in services["webhooks"]["environment"].items()}
+                             ).webhook_allow_private is False, "deployed webhooks may call private addresses (SSRF)"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["ledger"]' in dockerfile
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)

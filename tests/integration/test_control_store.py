@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
@@ -17,7 +19,13 @@ import pytest
 from sqlalchemy import String, inspect, text
 
 from ledger.control.keys import ALL_SCOPES, KEY_LENGTH_MAX, Scope, new_key
-from ledger.control.store import Conflict, ControlStore
+from ledger.control.store import (
+    WEBHOOKS_PER_TENANT_MAX,
+    Conflict,
+    ControlStore,
+    DeliveryState,
+    Outbound,
+)
 from ledger.plans import Plan
 from tests.factories import seed_plans
 
@@ -313,3 +321,231 @@ def test_the_ingested_record_keeps_only_the_newest_ids_of_each_tenant(store: Con
     with store.session() as db:
         assert sorted(db.ingested(a, [f"a{n}" for n in range(5)])) == ["a2", "a3", "a4"]
         assert db.ingested(b, ["b1"]) == {"b1": "d"}  # another tenant's ids do not push these out
+
+
+# -- webhooks and their delivery log ----------------------------------------------------------------------------------
+
+# Endpoints are created at the wall clock's now; gate events are written (and attempts made) after that.
+T_WEBHOOK = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+
+
+def gate(tenant_id: str, n: int, written_at: datetime = T_WEBHOOK) -> Outbound:
+    return Outbound(tenant_id=tenant_id, event_id=f"gate-{n}", payload=f'{{"gate_id":"gate-{n}","used":1.10}}',
+                    written_at=written_at)
+
+
+def test_a_webhook_secret_is_whsec_and_at_least_24_random_bytes_and_never_listed(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        first, secret = db.create_webhook(a, "https://example.com/hooks", "billing")
+        second, other_secret = db.create_webhook(a, "http://127.0.0.1:9/hooks")
+
+    assert secret.startswith("whsec_") and secret != other_secret
+    assert 24 <= len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) <= 64
+    with store.session() as db:
+        listed = db.webhooks(a)
+        assert listed == [first, second]
+        assert db.webhook(a, first.id) == first
+    assert (first.url, first.description, first.enabled) == ("https://example.com/hooks", "billing", True)
+    assert first.created_at.tzinfo is not None
+    assert not any(secret in repr(w) for w in listed)
+
+
+def test_a_webhook_is_invisible_and_undeletable_to_other_tenants(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://example.com/hooks")
+        db.record_deliveries([gate(a, 1)], T_WEBHOOK)
+
+    with store.session() as db:
+        assert db.webhook(b, hook.id) is None
+        assert db.webhooks(b) == []
+        assert db.deliveries(b, hook.id) == []
+        assert not db.delete_webhook(b, hook.id)
+        assert db.webhook(a, hook.id) == hook and len(db.deliveries(a, hook.id)) == 1
+        assert db.webhook(a, "no\x00such") is None
+
+
+def test_a_tenant_has_a_bounded_number_of_webhooks(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        for n in range(WEBHOOKS_PER_TENANT_MAX):
+            db.create_webhook(a, f"https://example.com/{n}")
+    with pytest.raises(Conflict, match=str(WEBHOOKS_PER_TENANT_MAX)), store.session() as db:
+        db.create_webhook(a, "https://example.com/one-too-many")
+    with store.session() as db:
+        assert len(db.webhooks(a)) == WEBHOOKS_PER_TENANT_MAX
+        db.create_webhook(b, "https://example.com/0")  # the bound is per tenant
+
+
+def test_each_gate_event_becomes_one_pending_delivery_per_endpoint_of_its_tenant_once(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        a1, _ = db.create_webhook(a, "https://a.example/1")
+        a2, _ = db.create_webhook(a, "https://a.example/2")
+        b1, _ = db.create_webhook(b, "https://b.example/1")
+    events = [gate(a, 1), gate(a, 2), gate(b, 3)]
+
+    with store.session() as db:
+        assert db.record_deliveries(events, T_WEBHOOK) == 5
+    with store.session() as db:  # the same batch read again after a crash adds nothing
+        assert db.record_deliveries(events, T_WEBHOOK + timedelta(minutes=1)) == 0
+        assert db.record_deliveries([], T_WEBHOOK) == 0
+
+    with store.session() as db:
+        logged = {h.id: sorted((d.event_id, d.state, d.attempts, d.next_attempt_at) for d in db.deliveries(t, h.id))
+                  for t, h in ((a, a1), (a, a2), (b, b1))}
+    pending = DeliveryState.pending
+    assert logged == {a1.id: [("gate-1", pending, 0, T_WEBHOOK), ("gate-2", pending, 0, T_WEBHOOK)],
+                      a2.id: [("gate-1", pending, 0, T_WEBHOOK), ("gate-2", pending, 0, T_WEBHOOK)],
+                      b1.id: [("gate-3", pending, 0, T_WEBHOOK)]}
+
+
+def test_an_endpoint_gets_only_gate_events_written_after_it_was_registered(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://a.example/1")
+    before, after = hook.created_at - timedelta(seconds=1), hook.created_at + timedelta(seconds=1)
+
+    with store.session() as db:
+        assert db.record_deliveries([gate(a, 1, before), gate(a, 2, after)], after) == 1
+        assert [d.event_id for d in db.deliveries(a, hook.id)] == ["gate-2"]
+
+
+def test_a_due_delivery_is_claimed_once_until_its_lease_ends(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, secret = db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, 1)], T_WEBHOOK)
+    lease_end = T_WEBHOOK + timedelta(seconds=60)
+
+    with store.session() as db:
+        assert db.claim_due(T_WEBHOOK - timedelta(seconds=1), lease_end, 10) == []  # not due yet
+        (claimed,) = db.claim_due(T_WEBHOOK, lease_end, 10)
+    assert (claimed.webhook_id, claimed.event_id, claimed.url, claimed.secret, claimed.attempts) == (
+        hook.id, "gate-1", "https://a.example/1", secret, 0)
+    assert claimed.payload == gate(a, 1).payload
+    with store.session() as db:
+        assert db.claim_due(T_WEBHOOK + timedelta(seconds=59), lease_end, 10) == []  # leased to the first claimant
+    with store.session() as db:  # the claimant died: when the lease ends, the delivery is due again
+        (again,) = db.claim_due(lease_end, lease_end + timedelta(seconds=60), 10)
+    assert again.event_id == "gate-1"
+
+
+def test_two_claimants_at_once_never_get_the_same_delivery(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, n) for n in range(40)], T_WEBHOOK)
+    start = threading.Barrier(2)
+    claimed: list[list[str]] = []
+
+    def claimant() -> None:
+        start.wait()
+        with store.session() as db:
+            got = db.claim_due(T_WEBHOOK, T_WEBHOOK + timedelta(seconds=60), 40)
+        claimed.append([d.event_id for d in got])
+
+    threads = [threading.Thread(target=claimant) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    assert len(claimed) == 2
+    everything = claimed[0] + claimed[1]
+    assert len(everything) == len(set(everything)), "a delivery was claimed twice"
+    assert set(everything) == {f"gate-{n}" for n in range(40)}
+
+
+def test_attempts_are_logged_until_delivered_or_given_up(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, 1), gate(a, 2)], T_WEBHOOK)
+    retry_at = T_WEBHOOK + timedelta(seconds=5)
+
+    with store.session() as db:
+        assert db.record_attempt(hook.id, "gate-1", state=DeliveryState.pending, at=T_WEBHOOK, status=500,
+                                 error="HTTP 500" + "!" * 1000, next_attempt_at=retry_at)
+        assert db.record_attempt(hook.id, "gate-2", state=DeliveryState.failed, at=T_WEBHOOK, status=None,
+                                 error="connection refused", next_attempt_at=None)
+    with store.session() as db:
+        assert db.claim_due(T_WEBHOOK, retry_at + timedelta(minutes=1), 10) == []  # gate-1 waits, gate-2 gave up
+        (due,) = db.claim_due(retry_at, retry_at + timedelta(minutes=1), 10)
+        assert (due.event_id, due.attempts) == ("gate-1", 1)
+        db.record_attempt(hook.id, "gate-1", state=DeliveryState.delivered, at=retry_at, status=204, error=None,
+                          next_attempt_at=None)
+
+    with store.session() as db:
+        log = {d.event_id: d for d in db.deliveries(a, hook.id)}
+        assert db.claim_due(retry_at + timedelta(days=1), retry_at + timedelta(days=2), 10) == []
+    one, two = log["gate-1"], log["gate-2"]
+    assert (one.state, one.attempts, one.last_status, one.delivered_at, one.next_attempt_at) == (
+        DeliveryState.delivered, 2, 204, retry_at, None)
+    assert one.last_error is None
+    assert (two.state, two.attempts, two.last_status, two.last_error, two.delivered_at) == (
+        DeliveryState.failed, 1, None, "connection refused", None)
+
+
+def test_a_disabled_webhook_gets_nothing_more_and_its_pending_deliveries_fail(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        gone, _ = db.create_webhook(a, "https://a.example/gone")
+        kept, _ = db.create_webhook(a, "https://a.example/kept")
+        db.record_deliveries([gate(a, 1), gate(a, 2)], T_WEBHOOK)
+        db.record_attempt(gone.id, "gate-1", state=DeliveryState.delivered, at=T_WEBHOOK, status=200, error=None,
+                          next_attempt_at=None)
+
+    with store.session() as db:
+        assert db.disable_webhook(gone.id, "answered 410") == 1
+    with store.session() as db:
+        assert db.record_deliveries([gate(a, 3)], T_WEBHOOK) == 1  # for the enabled endpoint only
+        claimed = db.claim_due(T_WEBHOOK, T_WEBHOOK + timedelta(minutes=1), 10)
+        log = {d.event_id: (d.state, d.last_error) for d in db.deliveries(a, gone.id)}
+        assert db.webhook(a, gone.id) == replace(gone, enabled=False)
+    assert sorted((d.webhook_id, d.event_id) for d in claimed) == [(kept.id, f"gate-{n}") for n in (1, 2, 3)]
+    assert log == {"gate-1": (DeliveryState.delivered, None), "gate-2": (DeliveryState.failed, "answered 410")}
+
+
+def test_pruning_forgets_old_finished_deliveries_only(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        hook, _ = db.create_webhook(a, "https://a.example/1")
+        db.record_deliveries([gate(a, n) for n in range(5)], T_WEBHOOK)
+        db.record_deliveries([gate(a, 9)], T_WEBHOOK + timedelta(days=2))
+        for n, state in ((0, DeliveryState.delivered), (1, DeliveryState.failed), (2, DeliveryState.delivered),
+                         (9, DeliveryState.delivered)):
+            db.record_attempt(hook.id, f"gate-{n}", state=state, at=T_WEBHOOK, status=None, error=None,
+                              next_attempt_at=None)
+    cutoff = T_WEBHOOK + timedelta(days=1)
+
+    with store.session() as db:
+        assert db.prune_deliveries(cutoff, limit=2) == 2  # bounded per call
+    with store.session() as db:
+        assert db.prune_deliveries(cutoff, limit=100) == 1
+        assert db.prune_deliveries(cutoff, limit=100) == 0
+    with store.session() as db:
+        # Pending ones (3, 4) stay whatever their age, and so does the recent delivered one (9).
+        assert sorted(d.event_id for d in db.deliveries(a, hook.id)) == ["gate-3", "gate-4", "gate-9"]
+
+
+def test_deleting_a_webhook_drops_its_deliveries_and_their_retries(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    with store.session() as db:
+        gone, _ = db.create_webhook(a, "https://a.example/gone")
+        kept, _ = db.create_webhook(a, "https://a.example/kept")
+        db.record_deliveries([gate(a, 1)], T_WEBHOOK)
+
+    with store.session() as db:
+        assert db.delete_webhook(a, gone.id)
+        assert not db.delete_webhook(a, gone.id)
+    with store.session() as db:
+        assert [w.id for w in db.webhooks(a)] == [kept.id]
+        assert db.deliveries(a, gone.id) == []
+        assert [d.webhook_id for d in db.claim_due(T_WEBHOOK, T_WEBHOOK + timedelta(minutes=1), 10)] == [kept.id]
+        assert not db.record_attempt(gone.id, "gate-1", state=DeliveryState.delivered, at=T_WEBHOOK, status=200,
+                                     error=None, next_attempt_at=None)

@@ -5,7 +5,8 @@ to deduplicate), ``webhook-timestamp`` (the attempt's unix time, in seconds) and
 ``webhook-signature``, a space-separated list of ``v1,<base64 HMAC-SHA256>`` over
 ``"{id}.{timestamp}.{body}"`` under the endpoint's secret (``whsec_`` + base64
 key). Several signatures let a sender rotate secrets: one that matches is
-enough. Standard library only, so a receiver can copy this file alone.
+enough. Standard library only (plus the SDK's error root, so ``except
+LedgerError`` catches a failed verification too).
 """
 
 from __future__ import annotations

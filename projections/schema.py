@@ -57,6 +57,8 @@ GATES = Table("gate_events", (
     ("dimension", "VARCHAR", True), ("model", "VARCHAR", False), ("threshold", MONEY, True), ("used", MONEY, True),
     ("limit", MONEY, True), ("scope", "VARCHAR", True), ("plan_id", "VARCHAR", True), ("plan_version", "INTEGER", True),
     ("cause_event_id", "VARCHAR", True), ("occurred_at", TIME, True),
+    # True when a late event crossed the threshold in a closed period (added after the first release).
+    ("correction", "BOOLEAN", False),
 ), key=("gate_id",), fields={"user_id": "user"})
 
 REJECTIONS = Table("rejected_events", (
@@ -105,6 +107,8 @@ CREATE TABLE IF NOT EXISTS projector_offsets (
 def create_schema(con: duckdb.DuckDBPyConnection, *, indexes: bool = True) -> None:
     """Create what is missing; ``indexes=False`` leaves the unique keys to :func:`create_indexes` (bulk loads)."""
     con.execute("\n".join(table.create_sql() for table in (*PROJECTED, *CONTROL)) + OFFSETS_SQL)
+    # Columns added since a file was first created (CREATE TABLE IF NOT EXISTS leaves such a file as it was).
+    con.execute("ALTER TABLE gate_events ADD COLUMN IF NOT EXISTS correction BOOLEAN")
     if indexes:
         create_indexes(con)
 

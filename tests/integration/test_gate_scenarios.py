@@ -5,6 +5,7 @@ Every scenario runs on its own user through one worker; expectations are written
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from decimal import Decimal
 
@@ -13,6 +14,8 @@ import pytest
 
 from ledger.events import AnyCommand, ClockTicked, ToppedUp
 from ledger.plans import PlansConfig, PlanSpec, build_plan
+from projections.projector import Projector
+from projections.reports import open_history
 from tests.conftest import wait_processed
 from tests.factories import T0, TENANT, assigned, published, usage
 from tests.kafka_io import entries, gates, publish, rejections
@@ -106,6 +109,11 @@ def test_every_dimension_reset_and_unblock_path_on_the_real_broker(settings, wor
         raised[g.user].append((g.kind, g.dimension, g.cause_event_id, g.correction))
     for user, (_, _, expected) in SCENARIOS.items():
         assert raised[user] == expected, user
+    # The history has them too, corrections marked as such.
+    asyncio.run(Projector(settings).run(until_caught_up=True))
+    with open_history(settings.history_path) as con:
+        projected = con.execute("SELECT gate_id, kind, correction FROM gate_events").fetchall()
+    assert sorted(projected) == sorted((g.gate_id, g.kind, g.correction) for g in gates(settings))
 
     costs = {e.event_id: e.cost for e in entries(settings)}
     assert costs["tools-1"] == Decimal("0.50") and costs["default-1"] == Decimal("1.00")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCAL_BROKER_PORT = 19092
+STANDBY_REPLICAS_MAX = 8
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -32,6 +33,8 @@ class Settings:
     api_port: int = 18000
     # How often the leader worker writes a clock tick to every partition (0: never).
     tick_seconds: int = 60
+    # Workers that keep a warm copy of each table partition besides its owner (Faust's table_standby_replicas).
+    standby_replicas: int = 1
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -40,6 +43,9 @@ class Settings:
             raise SettingsError(f"LEDGER_PARTITIONS must be between 1 and 1024, got {self.partitions}")
         if self.store not in ("memory://", "rocksdb://"):
             raise SettingsError(f"LEDGER_STORE must be memory:// or rocksdb://, got {self.store!r}")
+        if not 0 <= self.standby_replicas <= STANDBY_REPLICAS_MAX:
+            raise SettingsError(f"LEDGER_STANDBY_REPLICAS must be between 0 and {STANDBY_REPLICAS_MAX}, "
+                                f"got {self.standby_replicas}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -57,6 +63,7 @@ class Settings:
             price_overrides=Path(env["LEDGER_PRICE_OVERRIDES"]) if env.get("LEDGER_PRICE_OVERRIDES") else None,
             api_port=_int(env, "LEDGER_API_PORT", 18000),
             tick_seconds=_int(env, "LEDGER_TICK_SECONDS", 60),
+            standby_replicas=_int(env, "LEDGER_STANDBY_REPLICAS", 1),
         )
 
     @property

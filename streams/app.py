@@ -74,6 +74,8 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
         processing_guarantee="at_least_once",
         producer_acks=-1,
         web_enabled=False,
+        # A standby worker follows each table partition's changelog, ready to take it over.
+        table_standby_replicas=settings.standby_replicas,
         # A worker killed with -9 holds its partitions until the group notices it
         # is gone; 60 s (Faust's default) made every failover wait that long.
         broker_session_timeout=SESSION_TIMEOUT_S,

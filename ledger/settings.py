@@ -10,6 +10,7 @@ from pathlib import Path
 
 LOCAL_BROKER_PORT = 19092
 STANDBY_REPLICAS_MAX = 8
+PORT_MAX = 65535
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -35,6 +36,9 @@ class Settings:
     tick_seconds: int = 60
     # Workers that keep a warm copy of each table partition besides its owner (Faust's table_standby_replicas).
     standby_replicas: int = 1
+    # The worker's or projector's /metrics, /healthz and /readyz (0: no server). The API serves them on its own port.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -43,6 +47,9 @@ class Settings:
             raise SettingsError(f"LEDGER_PARTITIONS must be between 1 and 1024, got {self.partitions}")
         if self.store not in ("memory://", "rocksdb://"):
             raise SettingsError(f"LEDGER_STORE must be memory:// or rocksdb://, got {self.store!r}")
+        for name, port in (("LEDGER_API_PORT", self.api_port), ("LEDGER_METRICS_PORT", self.metrics_port)):
+            if not 0 <= port <= PORT_MAX:
+                raise SettingsError(f"{name} must be between 0 and {PORT_MAX}, got {port}")
         if not 0 <= self.standby_replicas <= STANDBY_REPLICAS_MAX:
             raise SettingsError(f"LEDGER_STANDBY_REPLICAS must be between 0 and {STANDBY_REPLICAS_MAX}, "
                                 f"got {self.standby_replicas}")
@@ -64,6 +71,8 @@ class Settings:
             api_port=_int(env, "LEDGER_API_PORT", 18000),
             tick_seconds=_int(env, "LEDGER_TICK_SECONDS", 60),
             standby_replicas=_int(env, "LEDGER_STANDBY_REPLICAS", 1),
+            metrics_port=_int(env, "LEDGER_METRICS_PORT", 0),
+            metrics_host=env.get("LEDGER_METRICS_HOST", "127.0.0.1"),
         )
 
     @property

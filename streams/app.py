@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 
 import faust
 from faust.tables.table import Table
+from prometheus_client import CollectorRegistry
 
 from ledger.events import ClockTicked
 from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode
+from streams.metrics import HealthServer, WorkerMetrics
 from streams.processor import Record, UsageProcessor, partition_of
 from streams.publisher import CLOCK_KEY
 from streams.topics import Topics
@@ -39,6 +42,7 @@ CHANGELOG_CONFIGS = {
 PROGRESS_LOG_EVERY_S = 10.0
 SESSION_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
+HEALTH_SAMPLE_S = 1.0
 
 
 class PartitionedTable(Table):
@@ -59,8 +63,9 @@ class PartitionedTable(Table):
         return partition_of(key)
 
 
-def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
+def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics | None = None) -> faust.App:
     topics = Topics.for_namespace(settings.namespace)
+    metrics = metrics or WorkerMetrics(CollectorRegistry())
     datadir = Path(settings.home) / "worker" / worker_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -89,13 +94,15 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
     processor = UsageProcessor(topics, table.get,
                                lambda prefix: ((k, v) for k, v in table.data.items() if k.startswith(prefix)))
     changelog = table.changelog_topic.get_topic_name()
-    totals: dict[str, int] = {}
+    totals: Counter[str] = Counter()
+    next_offsets: dict[int, int] = {}  # per usage partition: the offset after the last record processed
 
     @app.agent(usage, name="ledger-processor")
     async def process_usage(stream: faust.StreamT) -> None:
         last_log = time.monotonic()
         state_sends: list[asyncio.Future[Any]] = []
         async for events in stream.take_events(BATCH_EVENTS_MAX, within=BATCH_WITHIN_S):
+            started = time.perf_counter()
             _raise_failed(state_sends)
             batch = processor.run(
                 Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
@@ -111,11 +118,35 @@ def create_app(settings: Settings, worker_id: str = "0") -> faust.App:
                                             for key, value in batch.writes.items()))
             for key, value in batch.writes.items():
                 table.data[key] = value
-            for what, n in batch.counts.items():
-                totals[what] = totals.get(what, 0) + n
+            next_offsets.update(batch.next_offsets)
+            totals.update(batch.results)
+            metrics.count(batch.results, batch.dead_letters, batch.gates)
+            metrics.batch_events.observe(len(events))
+            metrics.batch_seconds.observe(time.perf_counter() - started)
             if time.monotonic() - last_log > PROGRESS_LOG_EVERY_S:
                 last_log = time.monotonic()
-                log.info("processed so far: %s", totals)
+                log.info("processed so far: %s", dict(totals))
+
+    @app.timer(HEALTH_SAMPLE_S)
+    async def sample_health() -> None:
+        """Lag per assigned partition and the readiness verdict, computed on the loop for the HTTP thread."""
+        usage_topic = usage.get_topic_name()
+        assigned = {tp.partition: tp for tp in app.consumer.assignment() if tp.topic == usage_topic}
+        for gone in next_offsets.keys() - assigned.keys():  # a partition that comes back starts afresh
+            del next_offsets[gone]
+        lags = {}
+        for p, tp in assigned.items():
+            end = app.consumer.highwater(tp)
+            if end is not None and p in next_offsets:
+                lags[(usage_topic, p)] = end - next_offsets[p]
+        metrics.lag.set(lags)
+        recovery = app.tables.recovery
+        if not recovery.completed.is_set() or recovery.in_recovery:
+            metrics.health.beat(False, "restoring the account table")
+        elif app.rebalancing:
+            metrics.health.beat(False, "rebalancing")
+        else:
+            metrics.health.beat(True, f"{len(assigned)} usage partition(s) assigned")
 
     if settings.tick_seconds > 0:
         @app.timer(settings.tick_seconds, on_leader=True)
@@ -153,7 +184,10 @@ def run_worker(settings: Settings, worker_id: str = "0", loglevel: str = "info")
     from streams.topics import ensure_topics
 
     asyncio.run(ensure_topics(settings))
-    app = create_app(settings, worker_id)
+    metrics = WorkerMetrics(CollectorRegistry())
+    app = create_app(settings, worker_id, metrics)
+    if settings.metrics_port:
+        HealthServer.for_metrics(settings.metrics_host, settings.metrics_port, metrics).start()
     # aiokafka logs a debug record per message sent; building them cost ~7% of the worker.
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

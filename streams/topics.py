@@ -81,3 +81,17 @@ async def partitions_of(bootstrap: str, names: tuple[str, ...]) -> dict[str, lis
         await admin.close()
     return {t["topic"]: sorted(p["partition"] for p in t["partitions"])
             for t in described if t.get("error_code", 0) == 0 and t["partitions"]}
+
+
+async def broker_problem(bootstrap: str, timeout_s: float) -> str | None:
+    """None if the cluster answers a metadata request within ``timeout_s``, else what went wrong."""
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)
+    except Exception as exc:  # any failure is the answer, not a crash of the probe
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        await client.close()
+    return None

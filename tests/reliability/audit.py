@@ -8,10 +8,7 @@ an independent Fraction oracle: nothing lost, nothing double-counted.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,9 +21,8 @@ from ledger.account import Account
 from ledger.events import AnyCommand, GateEvent, LedgerEntry, UsageRecorded
 from ledger.settings import Settings
 from projections.projector import connect
-from streams.progress import end_offsets, projector_lag
+from streams.progress import end_offsets
 from streams.topics import Topics
-from tests.conftest import ROOT
 from tests.factories import T0, assigned, published, seed_plans, usage
 from tests.kafka_io import read_all, read_partitions
 from tests.oracle import UserOracle
@@ -75,39 +71,6 @@ def wait_for_entries(settings: Settings, count: float, healthy: Callable[[], Non
         healthy()
         assert time.monotonic() < deadline, f"no progress to {count:,.0f} entries in {timeout_s}s (at {n:,})"
         time.sleep(PROGRESS_POLL_S)
-
-
-class ProjectorProcess:
-    """`ledger projector` in its own process."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.log = open(settings.home / "projector.log", "ab")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ProjectorProcess:
-        env = {**os.environ, "LEDGER_HOME": str(self.settings.home),
-               "LEDGER_NAMESPACE": self.settings.namespace, "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap}
-        self.proc = subprocess.Popen([sys.executable, "-m", "ledger.cli.main", "projector"], env=env, cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def wait_caught_up(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while asyncio.run(projector_lag(self.settings, self.settings.history_path)) > 0:
-            assert self.proc is not None and self.proc.poll() is None, "the projector died"
-            assert time.monotonic() < deadline, f"the projector is behind after {timeout_s}s"
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
 
 
 def audit(settings: Settings, users: dict[str, str], events: list[UsageRecorded]) -> dict[str, Any]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import wait_processed
+from tests.conftest import ProjectorProcess, wait_processed
 from tests.kafka_io import publish
-from tests.reliability.audit import ProjectorProcess, audit, wait_for_entries, workload
+from tests.reliability.audit import audit, wait_for_entries, workload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -41,28 +41,40 @@ def new_settings(bootstrap: str, home: Path, partitions: int = 8) -> Settings:
     return Settings(home=home, external_bootstrap=bootstrap, namespace=namespace, partitions=partitions)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _delete_test_topics() -> Iterator[None]:
-    """Each test's namespace adds ~56 partitions; a broker that keeps them all runs out of file handles."""
-    yield
-    if not _namespaces:
-        return
+def delete_namespaces(bootstrap: str, namespaces: set[str]) -> None:
+    """Delete every topic of these namespaces (and only theirs: the broker is shared)."""
     from aiokafka.admin import AIOKafkaAdminClient
-
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
 
     async def delete() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
             ours = [t for t in await admin.list_topics()
-                    if any(t.startswith((f"{ns}.", f"{ns}-")) for ns in _namespaces)]
+                    if any(t.startswith((f"{ns}.", f"{ns}-")) for ns in namespaces)]
             for start in range(0, len(ours), 100):
                 await admin.delete_topics(ours[start:start + 100])
         finally:
             await admin.close()
 
     asyncio.run(delete())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_test_topics() -> Iterator[None]:
+    """Each test's namespace adds ~56 partitions; a broker that keeps them all runs out of file handles."""
+    yield
+    if _namespaces:
+        delete_namespaces(os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"), _namespaces)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a process's metrics server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ and with what the output topics hold.
 from __future__ import annotations
 
 import random
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from ledger.api.app import create_api
 from ledger.control.store import ControlStore
 from ledger.events import AnyCommand, UsageRecorded
 from streams.codecs import encode
-from tests.conftest import ProjectorProcess, wait_processed
+from tests.conftest import ProjectorProcess, free_port, wait_processed
 from tests.factories import assigned, published, seed_plans, usage
 from tests.kafka_io import gates, publish, publish_raw, rejections
 
@@ -35,13 +34,6 @@ EVENTS = 2000
 SCRAPE_WAIT_S = 60.0
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def parse(text: str) -> Samples:

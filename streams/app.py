@@ -10,12 +10,13 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.stores.memory import Store as MemoryStore
 from faust.tables.table import Table
 from prometheus_client import CollectorRegistry
 
@@ -45,6 +46,45 @@ HEARTBEAT_INTERVAL_S = 1.0
 HEALTH_SAMPLE_S = 1.0
 
 
+class StandbyMemoryStore(MemoryStore):
+    """The in-memory store, keeping what a standby has read so that a takeover reads only the changelog's tail.
+
+    faust-streaming 0.15.3's memory store drops a standby partition's keys when
+    recovery completes and reports no offset, so a worker taking a partition over
+    re-read its whole changelog even with standby replicas. Here a partition's keys
+    stay while it is assigned to this worker (active or standby), and the offset of
+    the last changelog record applied to it is its persisted offset: Faust's
+    recovery starts reading there. A partition no longer assigned is forgotten,
+    keys and offset, so it is read from the start if it ever comes back.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._applied: dict[int, int] = {}  # changelog partition -> offset of the last record applied
+
+    def apply_changelog_batch(self, batch: Iterable[Any], to_key: Any, to_value: Any) -> None:
+        events = list(batch)
+        super().apply_changelog_batch(events, to_key, to_value)
+        for event in events:
+            partition, offset = event.message.partition, event.message.offset
+            self._applied[partition] = max(self._applied.get(partition, -1), offset)
+
+    def persisted_offset(self, tp: Any) -> int | None:
+        return self._applied.get(tp.partition)
+
+    def written(self, partition: int, offset: int) -> None:
+        """The processor's own write reached the changelog: a later recovery need not read up to it again."""
+        self._applied[partition] = max(self._applied.get(partition, -1), offset)
+
+    async def on_recovery_completed(self, active_tps: set[Any], standby_tps: set[Any]) -> None:
+        kept = {tp.partition for tp in active_tps | standby_tps}
+        # The processor writes keys itself, so Faust's key->partition index misses them: the key names its partition.
+        for key in [k for k in self.data if partition_of(k) not in kept]:
+            del self.data[key]
+        self._key_partition = {k: p for k, p in self._key_partition.items() if p in kept}
+        self._applied = {p: o for p, o in self._applied.items() if p in kept}
+
+
 class PartitionedTable(Table):
     """A table whose keys name their own partition (``"<partition>:..."``).
 
@@ -61,6 +101,13 @@ class PartitionedTable(Table):
 
     def partition_for_key(self, key: Any) -> int:
         return partition_of(key)
+
+    def _new_store_by_url(self, url: Any) -> Any:
+        if not str(url).startswith("memory:"):
+            return super()._new_store_by_url(url)
+        return StandbyMemoryStore(url, self.app, self, table_name=self.name, key_type=self.key_type,
+                                  key_serializer=self.key_serializer, value_serializer=self.value_serializer,
+                                  value_type=self.value_type, loop=self.loop, options=self.options)
 
 
 def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics | None = None) -> faust.App:
@@ -116,6 +163,9 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
             # before it commits the offsets of these events.
             state_sends = await _send(app, ((changelog, encode(key), encode(value), partition_of(key))
                                             for key, value in batch.writes.items()))
+            if isinstance(table.data, StandbyMemoryStore):
+                for fut in state_sends:
+                    fut.add_done_callback(_note_written(table.data))
             for key, value in batch.writes.items():
                 table.data[key] = value
             next_offsets.update(batch.next_offsets)
@@ -170,6 +220,14 @@ async def _send(app: faust.App, messages: Iterable[tuple[str, bytes | None, byte
     """
     return [await app.producer.send(topic, key, value, partition, None, None)
             for topic, key, value, partition in messages]
+
+
+def _note_written(store: StandbyMemoryStore) -> Callable[[asyncio.Future[Any]], None]:
+    def done(fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            metadata = fut.result()
+            store.written(metadata.partition, metadata.offset)
+    return done
 
 
 def _raise_failed(sends: list[asyncio.Future[Any]]) -> None:

@@ -7,9 +7,11 @@ nothing lost, nothing double-counted.
 
 from __future__ import annotations
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ProjectorProcess, wait_processed
+from tests.conftest import ProjectorProcess, free_port, wait_processed
 from tests.kafka_io import publish
 from tests.reliability.audit import audit, wait_for_entries, workload
 
@@ -42,13 +44,18 @@ def test_workers_join_and_die_while_partitions_move(settings, worker_factory):
         publish(settings, slices[1])
         # and a fourth joins halfway through the second slice,
         wait_for_entries(settings, len(slices[0]) + len(slices[1]) / 2, healthy)
-        workers.append(worker_factory(settings, "3").start())
+        joined_port = free_port()
+        workers.append(worker_factory(settings, "3", env={"LEDGER_METRICS_PORT": str(joined_port)}).start())
         publish(settings, slices[2])
         for w in (workers[0], workers[2], workers[3]):
             wait_processed(settings, w, timeout_s=300)
         projector.wait_caught_up()
+        joined = httpx.get(f"http://127.0.0.1:{joined_port}/metrics", timeout=5).text
     finally:
         projector.stop()
+    # The worker that joined took partitions over and did part of the work.
+    assert sum(s.value for f in text_string_to_metric_families(joined) for s in f.samples
+               if s.name == "ledger_events_processed_total") > 0
 
     # then the table, the topics and the history equal the oracle.
     repeated = audit(settings, users, events)

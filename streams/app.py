@@ -180,6 +180,13 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
     @app.timer(HEALTH_SAMPLE_S)
     async def sample_health() -> None:
         """Lag per assigned partition and the readiness verdict, computed on the loop for the HTTP thread."""
+        try:
+            _sample_health()
+        except Exception as exc:  # an exception in a timer would stop the worker: a probe must never do that
+            log.warning("health sample failed: %r", exc)
+            metrics.health.beat(False, f"health sample failed: {type(exc).__name__}")
+
+    def _sample_health() -> None:
         usage_topic = usage.get_topic_name()
         assigned = {tp.partition: tp for tp in app.consumer.assignment() if tp.topic == usage_topic}
         for gone in next_offsets.keys() - assigned.keys():  # a partition that comes back starts afresh

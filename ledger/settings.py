@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCAL_BROKER_PORT = 19092
+STANDBY_REPLICAS_MAX = 8
+PORT_MAX = 65535
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 WEBHOOK_RETRY_FIRST_S_MAX = 3600
 
@@ -38,6 +40,11 @@ class Settings:
     webhook_allow_private: bool = True
     # The first retry of a failed webhook delivery waits this long; each later one waits longer (see streams/webhooks.py).
     webhook_retry_first_s: int = 5
+    # Workers that keep a warm copy of each table partition besides its owner (Faust's table_standby_replicas).
+    standby_replicas: int = 1
+    # The worker's or projector's /metrics, /healthz and /readyz (0: no server). The API serves them on its own port.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -49,6 +56,12 @@ class Settings:
         if not 1 <= self.webhook_retry_first_s <= WEBHOOK_RETRY_FIRST_S_MAX:
             raise SettingsError(f"LEDGER_WEBHOOK_RETRY_FIRST_S must be between 1 and {WEBHOOK_RETRY_FIRST_S_MAX}, "
                                 f"got {self.webhook_retry_first_s}")
+        for name, port in (("LEDGER_API_PORT", self.api_port), ("LEDGER_METRICS_PORT", self.metrics_port)):
+            if not 0 <= port <= PORT_MAX:
+                raise SettingsError(f"{name} must be between 0 and {PORT_MAX}, got {port}")
+        if not 0 <= self.standby_replicas <= STANDBY_REPLICAS_MAX:
+            raise SettingsError(f"LEDGER_STANDBY_REPLICAS must be between 0 and {STANDBY_REPLICAS_MAX}, "
+                                f"got {self.standby_replicas}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -68,6 +81,9 @@ class Settings:
             tick_seconds=_int(env, "LEDGER_TICK_SECONDS", 60),
             webhook_allow_private=_bool(env, "LEDGER_WEBHOOK_ALLOW_PRIVATE", True),
             webhook_retry_first_s=_int(env, "LEDGER_WEBHOOK_RETRY_FIRST_S", 5),
+            standby_replicas=_int(env, "LEDGER_STANDBY_REPLICAS", 1),
+            metrics_port=_int(env, "LEDGER_METRICS_PORT", 0),
+            metrics_host=env.get("LEDGER_METRICS_HOST", "127.0.0.1"),
         )
 
     @property

@@ -19,9 +19,11 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
 
 from ledger.settings import Settings
 from projections.schema import ENTRIES, GATES, PROJECTED, REJECTIONS, Table, create_indexes, create_schema
+from streams.metrics import HealthServer, ProjectorMetrics
 from streams.topics import Topics, partitions_of
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ LOCK_RETRY_S = 0.05
 LOCK_WAIT_S_MAX = 30.0
 BULK_RECORDS = 200_000  # a rebuild inserts this many records at a time
 CONTROL_SYNC_S = 30.0  # how stale the copies of plan versions, users and tiers may get
+HEALTH_SAMPLE_S = 1.0
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -68,8 +71,10 @@ class Projector:
     of every insert; :meth:`finish` drops repeated records and builds the keys once at the end.
     """
 
-    def __init__(self, settings: Settings, path: Path | None = None, *, bulk: bool = False) -> None:
+    def __init__(self, settings: Settings, path: Path | None = None, *, bulk: bool = False,
+                 metrics: ProjectorMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or ProjectorMetrics(CollectorRegistry())
         self.topics = Topics.for_namespace(settings.namespace)
         self.path = path or settings.history_path
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,15 +133,19 @@ class Projector:
             if not partitions:
                 raise RuntimeError(f"none of the topics {self.sources} exists")
             consumer.assign(partitions)
+            self.metrics.health.beat(False, "seeking to the stored offsets")
             await self._seek_to_stored(consumer, partitions)
             targets = await consumer.end_offsets(partitions) if until_caught_up else {}
-            synced_at = -CONTROL_SYNC_S
+            synced_at, sampled_at = -CONTROL_SYNC_S, 0.0
             while stop is None or not stop.is_set():
                 if time.monotonic() - synced_at >= CONTROL_SYNC_S:
                     await asyncio.to_thread(self.sync_control)
                     synced_at = time.monotonic()
                 if until_caught_up and await self._caught_up(consumer, targets):
                     return
+                if time.monotonic() - sampled_at >= HEALTH_SAMPLE_S:
+                    sampled_at = time.monotonic()
+                    await self._sample_health(consumer, partitions)
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=BATCH_RECORDS_MAX)
                 if (batch and not self.write(batch.items())) or self._file_id != _file_id(self.path):
                     # `ledger projections rebuild` replaced the file: resume from the offsets the
@@ -149,13 +158,23 @@ class Projector:
         finally:
             await consumer.stop()
 
+    async def _sample_health(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        lags = {}
+        for tp in partitions:
+            end = consumer.highwater(tp)
+            if end is not None:  # known after the first fetch from the partition
+                lags[(tp.topic, tp.partition)] = end - await consumer.position(tp)
+        self.metrics.lag.set(lags)
+        self.metrics.health.beat(True, f"projecting {len(partitions)} partitions into {self.path}")
+
     async def _seek_to_stored(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         stored = self.stored_offsets()
         for tp in partitions:
             if tp in stored:
                 consumer.seek(tp, stored[tp])
-            else:
-                await consumer.seek_to_beginning(tp)
+        # One call for all: awaited one by one, each waited for an offset reset (~0.5 s per partition).
+        if fresh := [tp for tp in partitions if tp not in stored]:
+            await consumer.seek_to_beginning(*fresh)
 
     @staticmethod
     async def _caught_up(consumer: AIOKafkaConsumer, targets: dict[TopicPartition, int]) -> bool:
@@ -178,6 +197,7 @@ class Projector:
         return self._flush()
 
     def _flush(self) -> bool:
+        started = time.perf_counter()
         values, offsets = self._values, self._offsets
         self._values, self._offsets = {topic: [] for topic in self.tables}, {}
         if not offsets:
@@ -201,6 +221,8 @@ class Projector:
             con.execute("INSERT OR REPLACE INTO projector_offsets SELECT * FROM batch_offsets")
             con.execute("COMMIT")
         self.rows_written += sum(len(v) for v in values.values())
+        self.metrics.count_rows((table.name, len(values[topic])) for topic, table in self.tables.items())
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return True
 
     def finish(self) -> None:
@@ -230,5 +252,7 @@ def run_projector(settings: Settings) -> None:
     """Run the projector in the foreground until interrupted."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     projector = Projector(settings)
+    if settings.metrics_port:
+        HealthServer.for_metrics(settings.metrics_host, settings.metrics_port, projector.metrics).start()
     log.info("projecting %s into %s", settings.namespace, projector.path)
     asyncio.run(projector.run())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,14 +40,16 @@ class Record:
 
 @dataclass
 class Batch:
-    """What one batch produced: messages to send, then state to store."""
+    """What one batch produced: messages to send, then state to store, and what to count."""
 
     outputs: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
     writes: dict[str, StateValue] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
+    # One result per usage-log record: ok, duplicate, conflict or rejected (a tick is ok).
+    results: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)  # by rejection code
+    gates: Counter[str] = field(default_factory=Counter)  # by gate kind
+    # The offset after the last record of each partition in the batch.
+    next_offsets: dict[int, int] = field(default_factory=dict)
 
 
 def account_key(partition: int, tenant: str, user: str) -> str:
@@ -73,10 +76,11 @@ class UsageProcessor:
     def run(self, records: Iterable[Record]) -> Batch:
         batch = Batch()
         for record in records:
-            self._apply(record, batch)
+            batch.results[self._apply(record, batch).value] += 1
+            batch.next_offsets[record.partition] = record.offset + 1
         return batch
 
-    def _apply(self, record: Record, batch: Batch) -> None:
+    def _apply(self, record: Record, batch: Batch) -> Result:
         def read(key: str) -> Any:
             return batch.writes[key] if key in batch.writes else self._read_state(key)
 
@@ -84,18 +88,18 @@ class UsageProcessor:
             command = decode_command(record.value or b"")
         except msgspec.DecodeError as exc:
             self._reject(batch, record, "invalid_event", f"invalid event: {exc}")
-            return
+            return Result.rejected
         p = record.partition
         if isinstance(command, ClockTicked):
             self._tick(command, p, batch, read)
-            return
+            return Result.ok
         if not isinstance(command, PlanPublished):
             expected = user_key(command.tenant, command.user).encode()
             if record.key != expected:
                 self._reject(batch, record, "wrong_key",
                              f"record key {record.key!r} must be {expected!r} (tenant/user) so that "
                              "one user's events share one partition", command)
-                return
+                return Result.rejected
         akey = None if isinstance(command, PlanPublished) else account_key(p, command.tenant, command.user)
         try:
             decision = decide(read(akey) if akey else None, command,
@@ -103,8 +107,9 @@ class UsageProcessor:
         except Exception as exc:  # a bug in the core must not stall the stream or lose the event
             log.exception("core failed on %s:%s@%s", record.topic, p, record.offset)
             self._reject(batch, record, "internal_error", f"internal error: {type(exc).__name__}", command)
-            return
+            return Result.rejected
         self._collect(decision, record, command, akey, batch)
+        return decision.result
 
     def _tick(self, tick: ClockTicked, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:
         """A clock tick applies to every account of its partition."""
@@ -116,7 +121,6 @@ class UsageProcessor:
             self._collect(decision, None, tick, akey, batch)
 
     def _collect(self, decision: Decision, record: Record | None, command: Any, akey: str | None, batch: Batch) -> None:
-        batch.count(decision.result.value)
         if decision.result in (Result.rejected, Result.conflict):
             assert record is not None
             self._reject(batch, record, decision.code, decision.reason, command)
@@ -131,6 +135,7 @@ class UsageProcessor:
             entry = decision.entry
             batch.outputs.append((self.topics.entries, user_key(entry.tenant, entry.user).encode(), encode(entry)))
         for gate in decision.gates:
+            batch.gates[gate.kind] += 1
             batch.outputs.append((self.topics.gates, user_key(gate.tenant, gate.user).encode(), encode(gate)))
         if decision.reply is not None:
             batch.outputs.append((self.topics.replies, decision.reply.request_id.encode(), encode(decision.reply)))
@@ -150,5 +155,5 @@ class UsageProcessor:
             tenant=getattr(command, "tenant", None), user=getattr(command, "user", None),
             event_id=getattr(command, "event_id", None),
         )
-        batch.count("dead_lettered")
+        batch.dead_letters[code] += 1
         batch.outputs.append((self.topics.rejected, record.key, encode(rejection)))

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from ledger.settings import Settings
@@ -15,6 +16,13 @@ from ledger.settings import Settings
 # Usage is the source of truth: never deleted by age or size.
 LEADER_WAIT_S_MAX = 30.0
 KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
+# What an existing log topic must say: deleted by nothing, and never compacted (compaction keeps one record per key,
+# that is one event per user).
+KEPT_FOREVER = {**KEEP_FOREVER, "cleanup.policy": "delete"}
+
+
+class TopicConfigError(RuntimeError):
+    """An existing topic would lose records; the message names the setting and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,10 @@ class Topics:
     def all(self) -> tuple[str, ...]:
         return (self.usage, self.entries, self.gates, self.rejected, self.replies)
 
+    def kept_forever(self) -> tuple[str, ...]:
+        """The log, and the outputs a history rebuild reads from offset 0 (replies are transient)."""
+        return (self.usage, self.entries, self.gates, self.rejected)
+
 
 async def ensure_topics(settings: Settings) -> Topics:
     """Create the namespace's topics if they are missing (idempotent)."""
@@ -55,9 +67,31 @@ async def ensure_topics(settings: Settings) -> Topics:
             with contextlib.suppress(TopicAlreadyExistsError):  # another process won the race
                 await admin.create_topics(missing)
             await _wait_for_leaders(admin, [t.name for t in missing])
+        if existing_logs := [name for name in topics.kept_forever() if name in existing]:
+            await _check_kept_forever(admin, existing_logs, settings.bootstrap)
     finally:
         await admin.close()
     return topics
+
+
+async def _check_kept_forever(admin: AIOKafkaAdminClient, names: list[str], bootstrap: str) -> None:
+    """Refuse to run on a log topic someone created or altered to delete records: they would vanish silently.
+
+    A late event is accepted however old it is (it corrects history), and a replay
+    or rebuild reads from offset 0, so a finite retention loses events without a trace.
+    """
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict.fromkeys(KEPT_FOREVER)) for name in names]
+    for response in await admin.describe_configs(resources):
+        for _error, _message, _type, name, entries in response.resources:
+            actual = {entry[0]: entry[1] for entry in entries}
+            wrong = {key: actual.get(key) for key, value in KEPT_FOREVER.items() if actual.get(key) != value}
+            if wrong:
+                found = ", ".join(f"{key}={value}" for key, value in wrong.items())
+                needed = ",".join(f"{key}={value}" for key, value in KEPT_FOREVER.items())
+                raise TopicConfigError(
+                    f"topic {name} has {found}: the ledger's log topics must keep every record ({needed}), or "
+                    f"events older than the retention are lost. Fix: kafka-configs.sh --bootstrap-server {bootstrap} "
+                    f"--alter --entity-type topics --entity-name {name} --add-config {needed}")
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:
@@ -81,3 +115,17 @@ async def partitions_of(bootstrap: str, names: tuple[str, ...]) -> dict[str, lis
         await admin.close()
     return {t["topic"]: sorted(p["partition"] for p in t["partitions"])
             for t in described if t.get("error_code", 0) == 0 and t["partitions"]}
+
+
+async def broker_problem(bootstrap: str, timeout_s: float) -> str | None:
+    """None if the cluster answers a metadata request within ``timeout_s``, else what went wrong."""
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout_s)
+    except Exception as exc:  # any failure is the answer, not a crash of the probe
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        await client.close()
+    return None

@@ -29,6 +29,7 @@ import httpx
 import msgspec
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError
+from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import IntegrityError
 
 from ledger.control.store import ControlStore, DeliveryState, DueDelivery, Outbound
@@ -36,6 +37,7 @@ from ledger.control.webhook_urls import UnsafeURL, check_url
 from ledger.events import GateEvent
 from ledger.settings import Settings
 from ledger_sdk.webhooks import sign
+from streams.metrics import HealthServer, WebhookMetrics
 from streams.topics import Topics, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -119,9 +121,11 @@ class Outcome:
 
 class WebhookDispatcher:
     def __init__(self, settings: Settings, store: ControlStore, *, http: httpx.AsyncClient | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), metrics: WebhookMetrics | None = None
+                 ) -> None:
         self.settings = settings
         self.store = store
+        self.metrics = metrics or WebhookMetrics(CollectorRegistry())
         self.clock = clock
         self._http = http
         self._wake = asyncio.Event()
@@ -152,12 +156,15 @@ class WebhookDispatcher:
         await consumer.start()
         try:
             while not stop.is_set():
+                self.metrics.health.beat(True, f"reading {topic} and delivering")
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=GATE_BATCH_MAX)
                 if not batch:
                     continue
                 events = [e for records in batch.values() for r in records if r.value is not None
                           and (e := outbound(r.value, r.timestamp)) is not None]
                 added = await asyncio.to_thread(self._record, events)
+                self.metrics.gates_read.inc(len(events))
+                self.metrics.deliveries_recorded.inc(added)
                 # Only now: every delivery of the batch is in the log, pending until it is delivered or given up.
                 try:
                     await consumer.commit()
@@ -191,6 +198,8 @@ class WebhookDispatcher:
     def _settle_and_claim(self, outcomes: list[Outcome], limit: int) -> list[DueDelivery]:
         """Log finished attempts and claim the next due deliveries, in one unit of work."""
         now = self.clock()
+        for o in outcomes:
+            self.metrics.attempts.labels(o.state.value).inc()
         with self.store.session() as session:
             for o in outcomes:
                 session.record_attempt(o.due.webhook_id, o.due.event_id, state=o.state, at=o.at, status=o.status,
@@ -295,7 +304,14 @@ def run_webhooks(settings: Settings) -> None:
             loop.add_signal_handler(sig, stop.set)
         log.info("delivering the gate events of %s to webhooks (group %s)", settings.namespace,
                  webhooks_group(settings))
-        await WebhookDispatcher(settings, store).run(stop)
+        metrics = WebhookMetrics(CollectorRegistry())
+        server = (HealthServer.for_metrics(settings.metrics_host, settings.metrics_port, metrics).start()
+                  if settings.metrics_port else None)
+        try:
+            await WebhookDispatcher(settings, store, metrics=metrics).run(stop)
+        finally:
+            if server is not None:
+                server.stop()
 
     try:
         asyncio.run(main())

@@ -41,28 +41,40 @@ def new_settings(bootstrap: str, home: Path, partitions: int = 8) -> Settings:
     return Settings(home=home, external_bootstrap=bootstrap, namespace=namespace, partitions=partitions)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _delete_test_topics() -> Iterator[None]:
-    """Each test's namespace adds ~56 partitions; a broker that keeps them all runs out of file handles."""
-    yield
-    if not _namespaces:
-        return
+def delete_namespaces(bootstrap: str, namespaces: set[str]) -> None:
+    """Delete every topic of these namespaces (and only theirs: the broker is shared)."""
     from aiokafka.admin import AIOKafkaAdminClient
-
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
 
     async def delete() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
         try:
             ours = [t for t in await admin.list_topics()
-                    if any(t.startswith((f"{ns}.", f"{ns}-")) for ns in _namespaces)]
+                    if any(t.startswith((f"{ns}.", f"{ns}-")) for ns in namespaces)]
             for start in range(0, len(ours), 100):
                 await admin.delete_topics(ours[start:start + 100])
         finally:
             await admin.close()
 
     asyncio.run(delete())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_test_topics() -> Iterator[None]:
+    """Each test's namespace adds ~56 partitions; a broker that keeps them all runs out of file handles."""
+    yield
+    if _namespaces:
+        delete_namespaces(os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"), _namespaces)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a process's metrics server)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @pytest.fixture
@@ -77,9 +89,10 @@ def settings(bootstrap: str, tmp_path: Path) -> Settings:
 class WorkerProcess:
     """A `ledger worker` in its own process, so tests can kill -9 it."""
 
-    def __init__(self, settings: Settings, worker_id: str = "0") -> None:
+    def __init__(self, settings: Settings, worker_id: str = "0", env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = settings.home / f"worker-{worker_id}.log"
         self.starts = 0
@@ -87,7 +100,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         env = {**os.environ, "LEDGER_HOME": str(self.settings.home), "LEDGER_NAMESPACE": self.settings.namespace,
                "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap,
-               "LEDGER_PARTITIONS": str(self.settings.partitions)}
+               "LEDGER_PARTITIONS": str(self.settings.partitions), **self.env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -119,12 +132,49 @@ class WorkerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+class ProjectorProcess:
+    """`ledger projector` in its own process."""
+
+    def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.env = env or {}
+        self.log = open(settings.home / "projector.log", "ab")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ProjectorProcess:
+        env = {**os.environ, "LEDGER_HOME": str(self.settings.home),
+               "LEDGER_NAMESPACE": self.settings.namespace, "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap,
+               **self.env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ledger.cli.main", "projector"], env=env, cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def wait_caught_up(self, timeout_s: float = 120) -> None:
+        from streams.progress import projector_lag
+
+        deadline = time.monotonic() + timeout_s
+        while asyncio.run(projector_lag(self.settings, self.settings.history_path)) > 0:
+            assert self.proc is not None and self.proc.poll() is None, "the projector died"
+            assert time.monotonic() < deadline, f"the projector is behind after {timeout_s}s"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
 @pytest.fixture
 def worker_factory(settings: Settings) -> Iterator:  # type: ignore[type-arg]
     workers: list[WorkerProcess] = []
 
-    def make(s: Settings = settings, worker_id: str = "0") -> WorkerProcess:
-        w = WorkerProcess(s, worker_id)
+    def make(s: Settings = settings, worker_id: str = "0", env: dict[str, str] | None = None) -> WorkerProcess:
+        w = WorkerProcess(s, worker_id, env)
         workers.append(w)
         return w
 

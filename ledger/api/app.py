@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
-from ledger.api import calls, gates, plans, spend, tiers, usage, users, webhooks
+from ledger.api import calls, gates, health, plans, spend, tiers, usage, users, webhooks
 from ledger.api.wire import install_openapi
 from ledger.catalog import load_catalog
 from ledger.control.config import CommandLog
@@ -55,6 +55,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
                    webhooks.router):
         app.include_router(router, prefix="/api/v1")
     install_openapi(app)
+    health.install(app)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> PlainJSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,30 +78,42 @@ def broker_status() -> None:
 # -- processes ------------------------------------------------------------------
 
 
+METRICS_PORT_OPTION = click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None,
+    help="Serve /metrics, /healthz and /readyz on this port (0: none). Default: LEDGER_METRICS_PORT.")
+
+
+def _with_metrics_port(settings: Settings, port: int | None) -> Settings:
+    return settings if port is None else dataclasses.replace(settings, metrics_port=port)
+
+
 @cli.command()
 @click.option("--worker-id", default="0", help="Distinguishes workers on one machine (their data dirs).")
 @click.option("--loglevel", default="info", type=click.Choice(["crit", "error", "warn", "info", "debug"]))
-def worker(worker_id: str, loglevel: str) -> None:
+@METRICS_PORT_OPTION
+def worker(worker_id: str, loglevel: str, metrics_port: int | None) -> None:
     """Run a ledger processor worker in the foreground."""
     from streams.app import run_worker
 
-    run_worker(_settings(), worker_id, loglevel)
+    run_worker(_with_metrics_port(_settings(), metrics_port), worker_id, loglevel)
 
 
 @cli.command()
-def projector() -> None:
+@METRICS_PORT_OPTION
+def projector(metrics_port: int | None) -> None:
     """Run the DuckDB projector in the foreground."""
     from projections.projector import run_projector
 
-    run_projector(_settings())
+    run_projector(_with_metrics_port(_settings(), metrics_port))
 
 
 @cli.command()
-def webhooks() -> None:
+@METRICS_PORT_OPTION
+def webhooks(metrics_port: int | None) -> None:
     """Deliver gate events to the tenants' webhooks in the foreground (signed, retried, logged)."""
     from streams.webhooks import run_webhooks
 
-    run_webhooks(_settings())
+    run_webhooks(_with_metrics_port(_settings(), metrics_port))
 
 
 @cli.command()
@@ -115,14 +128,18 @@ def up(workers: int) -> None:
         _local_broker(settings).start()
     asyncio.run(ensure_topics(settings))
     for i in range(workers):
-        stack.start(settings, f"worker-{i}", ["worker", "--worker-id", str(i)])
-    stack.start(settings, "projector", ["projector"])
-    stack.start(settings, "webhooks", ["webhooks"])
+        stack.start(settings, f"worker-{i}", ["worker", "--worker-id", str(i),
+                                              "--metrics-port", str(stack.worker_metrics_port(settings, i))])
+    stack.start(settings, "projector", ["projector", "--metrics-port", str(stack.projector_metrics_port(settings))])
+    stack.start(settings, "webhooks", ["webhooks", "--metrics-port", str(stack.webhooks_metrics_port(settings))])
     stack.start(settings, "api", ["api", "--port", str(settings.api_port)])
     stack.wait_for_http(f"{settings.api_url}/docs", API_START_TIMEOUT_S)
     click.echo(f"API ready at {settings.api_url} (OpenAPI at {settings.api_url}/docs)")
     for name, pid in stack.running(settings).items():
         click.echo(f"{name:<12} pid {pid}  log {settings.logs_dir / (name + '.log')}")
+    click.echo(f"metrics: api {settings.api_url}/metrics, projector :{stack.projector_metrics_port(settings)}/metrics, "
+               f"webhooks :{stack.webhooks_metrics_port(settings)}/metrics, "
+               f"workers :{stack.worker_metrics_port(settings, 0)}.. (one port each)")
 
 
 @cli.command()

@@ -16,6 +16,20 @@ from pathlib import Path
 from ledger.settings import Settings
 
 STOP_TIMEOUT_S = 20.0
+# `ledger up` gives each process its own metrics port: the projector the API's port + 100, workers the ones after it.
+METRICS_PORT_OFFSET = 100
+
+
+def projector_metrics_port(settings: Settings) -> int:
+    return settings.metrics_port or settings.api_port + METRICS_PORT_OFFSET
+
+
+def webhooks_metrics_port(settings: Settings) -> int:
+    return projector_metrics_port(settings) - 1
+
+
+def worker_metrics_port(settings: Settings, index: int) -> int:
+    return projector_metrics_port(settings) + 1 + index
 
 
 def _run_dir(settings: Settings) -> Path:

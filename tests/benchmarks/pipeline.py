@@ -1,5 +1,6 @@
-"""Benchmark: the processor's sustained rate end to end, next to the raw rate of
-a plain aiokafka consumer that reads and decodes the same topic in the same run.
+"""Benchmark: the processor's sustained rate end to end with one worker and with two
+(separate processes, one consumer group), next to the raw rate of a plain aiokafka
+consumer that reads and decodes the same topic in the same run (the ceiling).
 
 Run with `make bench`. Prints figures; asserts nothing (these machines are noisy).
 """
@@ -10,18 +11,22 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.settings import Settings
 from streams.codecs import decode_command
 from streams.progress import end_offsets
 from streams.topics import Topics, ensure_topics, partitions_of
-from tests.conftest import WorkerProcess, new_settings
+from tests.conftest import WorkerProcess, delete_namespaces, free_port, new_settings
 from tests.factories import T0, assigned, published, seed_plans, usage
 from tests.kafka_io import publish
 
@@ -67,26 +72,84 @@ async def raw_consume_rate(settings: Settings, topic: str) -> tuple[int, float]:
         await consumer.stop()
 
 
-def processor_rate(settings: Settings, expected_entries: int, timeout_s: float = 900) -> tuple[float, float]:
-    """(sustained events/s between 10% and 90% of the output, total seconds from worker start)."""
+@dataclass
+class Run:
+    sustained: float  # events/s between 10% and 90% of the output, once the group has settled
+    total_s: float  # from the workers' start until the last entry
+    settled_s: float  # from the workers' start until every partition had its owner
+    shares: list[float]  # events each worker processed
+    cpu_s: float  # CPU seconds (user + system) the workers used, start to finish
+
+
+def _ready_partitions(port: int) -> int | None:
+    """Usage partitions the worker owns once it says it is ready, else None."""
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+    except httpx.TransportError:
+        return None
+    match = re.search(r"(\d+) usage partition", answer.text)
+    return int(match.group(1)) if answer.status_code == 200 and match else None
+
+
+def _processed(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "ledger_events_processed_total")
+
+
+def processor_rate(settings: Settings, expected_entries: int, workers: int = 1, standby_replicas: int = 1,
+                   timeout_s: float = 900) -> Run:
+    """Start ``workers`` worker processes in one consumer group and time the entries they produce."""
     topics = Topics.for_namespace(settings.namespace)
-    worker = WorkerProcess(settings).start()
+    ports = [free_port() for _ in range(workers)]
+    procs = [WorkerProcess(settings, str(i), env={"LEDGER_METRICS_PORT": str(port),
+                                                  "LEDGER_STANDBY_REPLICAS": str(standby_replicas)}).start()
+             for i, port in enumerate(ports)]
     started = time.perf_counter()
     samples: list[tuple[float, int]] = []
+    settled_at: float | None = None
     try:
         while True:
             produced = sum(asyncio.run(end_offsets(settings, (topics.entries,))).values())
-            samples.append((time.perf_counter(), produced))
+            now = time.perf_counter()
+            samples.append((now, produced))
+            if settled_at is None:
+                owned = [_ready_partitions(port) for port in ports]
+                if all(n is not None for n in owned) and sum(n or 0 for n in owned) == settings.partitions:
+                    settled_at = now
             if produced >= expected_entries:
                 break
-            if not worker.alive() or time.perf_counter() - started > timeout_s:
-                raise RuntimeError(f"worker stalled at {produced}/{expected_entries}\n{worker.log_tail()}")
+            if not all(p.alive() for p in procs) or now - started > timeout_s:
+                raise RuntimeError(f"workers stalled at {produced}/{expected_entries}\n{procs[0].log_tail()}")
             time.sleep(SAMPLE_EVERY_S)
+        shares = [_processed(port) for port in ports]
+        cpu_s = sum(_cpu_seconds(proc) for proc in procs)
     finally:
-        worker.stop()
-    low = next(s for s in samples if s[1] >= 0.1 * expected_entries)
-    high = next(s for s in samples if s[1] >= 0.9 * expected_entries)
-    return (high[1] - low[1]) / (high[0] - low[0]), samples[-1][0] - started
+        for proc in procs:
+            proc.stop()
+    if settled_at is None:
+        settled_at = samples[-1][0]
+    low = next(s for s in samples if s[1] >= 0.1 * expected_entries and s[0] >= settled_at)
+    high = next((s for s in samples if s[1] >= 0.9 * expected_entries and s[0] > low[0]), samples[-1])
+    return Run(sustained=(high[1] - low[1]) / (high[0] - low[0]) if high[0] > low[0] else float("nan"),
+               total_s=samples[-1][0] - started, settled_s=settled_at - started, shares=shares, cpu_s=cpu_s)
+
+
+def _cpu_seconds(worker: WorkerProcess) -> float:
+    """User + system CPU time of a live worker process, from /proc (Linux)."""
+    assert worker.proc is not None
+    fields = Path(f"/proc/{worker.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fresh_namespace(bootstrap: str, home: Path, setup: list, calls: list) -> tuple[Settings, float]:  # type: ignore[type-arg]
+    """A new namespace holding the workload; returns it and the publish time."""
+    settings = new_settings(bootstrap, home)
+    asyncio.run(ensure_topics(settings))
+    t = time.perf_counter()
+    publish(settings, setup)
+    publish(settings, calls)
+    return settings, time.perf_counter() - t
 
 
 def main() -> None:
@@ -96,24 +159,35 @@ def main() -> None:
     args = parser.parse_args()
 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
-    settings = new_settings(bootstrap, Path(tempfile.mkdtemp(prefix="ledger-bench-")))
-    asyncio.run(ensure_topics(settings))
+    home = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     setup, calls = workload(args.users, args.events)
-    t = time.perf_counter()
-    publish(settings, setup)
-    publish(settings, calls)
-    publish_s = time.perf_counter() - t
-    topic = Topics.for_namespace(settings.namespace).usage
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    # One namespace per run: each run's group starts from offset 0 and writes its own entries topic.
+    one, publish_s = fresh_namespace(bootstrap, home / "one", setup, calls)
+    two, _ = fresh_namespace(bootstrap, home / "two", setup, calls)
+    two_bare, _ = fresh_namespace(bootstrap, home / "two-bare", setup, calls)
+    try:
+        raw_n, raw_s = asyncio.run(raw_consume_rate(one, Topics.for_namespace(one.namespace).usage))
+        runs = {"1 worker": processor_rate(one, args.events, workers=1),
+                "2 workers": processor_rate(two, args.events, workers=2),
+                "2 workers, no standby": processor_rate(two_bare, args.events, workers=2, standby_replicas=0)}
+    finally:  # 200k records per namespace, on a shared broker
+        delete_namespaces(bootstrap, {one.namespace, two.namespace, two_bare.namespace})
+    raw = raw_n / raw_s
 
-    raw_n, raw_s = asyncio.run(raw_consume_rate(settings, topic))
-    sustained, total_s = processor_rate(settings, args.events)
-
-    print(f"\nworkload: {args.events:,} usage events over {args.users:,} users, {settings.partitions} partitions")
+    print(f"\nworkload: {args.events:,} usage events over {args.users:,} users, {one.partitions} partitions, "
+          f"{os.cpu_count()} CPUs shared with the broker (and anyone else on the machine)")
     print(f"publish (aiokafka producer, acks=all):        {args.events / publish_s:>10,.0f} events/s")
-    print(f"baseline: raw aiokafka consume + decode:      {raw_n / raw_s:>10,.0f} events/s")
-    print(f"processor, sustained (10%..90% of output):    {sustained:>10,.0f} events/s")
-    print(f"processor, whole run incl. start and restore: {args.events / total_s:>10,.0f} events/s ({total_s:.1f} s)")
-    print(f"processor / baseline:                         {sustained / (raw_n / raw_s):>10.1%}")
+    print(f"ceiling: raw aiokafka consume + decode:       {raw:>10,.0f} events/s (one consumer, same topic)")
+    print(f"load average before the runs:                 {load_before}")
+    for name, run in runs.items():
+        split = " / ".join(f"{n:,.0f}" for n in run.shares)
+        print(f"processor, {name + ',':<22} sustained (10%..90%): {run.sustained:>8,.0f} events/s "
+              f"= {run.sustained / raw:.1%} of the ceiling, {run.sustained / runs['1 worker'].sustained:.2f}x one worker; "
+              f"whole run {run.total_s:.1f} s, group settled after {run.settled_s:.1f} s; records per worker {split}; "
+              f"{run.cpu_s:.0f} worker CPU-s = {args.events / run.cpu_s:,.0f} events per CPU-s")
+    print(f"load average after the runs:                  {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"(other processes share these CPUs: compare within a run, not across runs)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ledger.cli.main import broker, cli
+from ledger.cli.main import cli
 from ledger.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,8 +159,16 @@ def test_commands_exist(config: dict[str, Any]) -> None:
     for name in ("worker", "projector", "webhooks"):
         command = services[name]["command"]
         assert command[0] in cli.commands, f"{name} runs `ledger {' '.join(command)}`, which is no command"
-    assert "status" in broker.commands
-    assert services["projector"]["healthcheck"]["test"] == ["CMD", "ledger", "broker", "status"]
+    # Each app service's health check asks the process itself whether it is ready, on the port it serves.
+    for name in APP_SERVICES:
+        env = {k: str(v) for k, v in services[name]["environment"].items()}
+        if name == "api":
+            port = services[name]["command"][-1]
+        else:  # Prometheus scrapes it from another container: it must listen beyond loopback
+            port, host = Settings.from_env(env).metrics_port, Settings.from_env(env).metrics_host
+            assert port and host == "0.0.0.0", f"{name} serves no metrics to the network"
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{port}/readyz" in probe, f"{name}'s health check does not ask its /readyz"
     assert Settings.from_env({str(k): str(v) for k, v in services["webhooks"]["environment"].items()}
                              ).webhook_allow_private is False, "deployed webhooks may call private addresses (SSRF)"
     dockerfile = (ROOT / "Dockerfile").read_text()

@@ -25,9 +25,10 @@ from ledger.control.store import ControlStore
 from ledger.events import GateEvent
 from ledger.settings import Settings
 from ledger_sdk.webhooks import WebhookVerificationError, sign, verify
-from tests.conftest import ROOT, WorkerProcess, wait_processed
+from tests.conftest import ROOT, WorkerProcess, free_port, wait_processed
 from tests.factories import assigned, published, seed_plans, usage
 from tests.integration.test_config_api import Tenant
+from tests.integration.test_metrics import by_label, scrape
 from tests.kafka_io import gates, publish
 
 pytestmark = pytest.mark.integration
@@ -169,7 +170,7 @@ def receivers() -> Iterator[Callable[..., Receiver]]:
 
 @pytest.fixture
 def delivery_process(settings: Settings) -> Iterator[WebhooksProcess]:
-    process = WebhooksProcess(settings).start()
+    process = WebhooksProcess(settings, LEDGER_METRICS_PORT=str(free_port())).start()
     yield process
     process.stop()
 
@@ -259,6 +260,14 @@ def test_gate_events_reach_every_endpoint_of_their_tenant_signed_and_a_flaky_one
                 assert (d["state"], d["attempts"], d["last_status"], d["last_error"], d["next_attempt_at"]) == (
                     "delivered", attempts, 204, None, None)
                 assert d["delivered_at"] is not None
+
+        # So do the delivery process's metrics.
+        samples = scrape(f"http://127.0.0.1:{delivery_process.env['LEDGER_METRICS_PORT']}/metrics")
+        assert samples[("ledger_webhook_gate_events_read_total", ())] == len(acme_ids) + len(globex_ids)
+        assert samples[("ledger_webhook_deliveries_recorded_total", ())] == 2 * len(acme_ids) + len(globex_ids)
+        assert by_label(samples, "ledger_webhook_attempts_total", "state") == {
+            "delivered": 2 * len(acme_ids) + len(globex_ids), "pending": FAILURES_BEFORE_SUCCESS * len(acme_ids),
+            "failed": 0}
 
     # A forged, tampered or stale copy of a real delivery is refused by the receiver's verify.
     real = next(iter(steady.accepted().values()))

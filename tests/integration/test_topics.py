@@ -1,0 +1,50 @@
+"""The log topics keep every record: a topic created or altered to delete records stops the ledger loudly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from streams.topics import KEPT_FOREVER, TopicConfigError, Topics, ensure_topics
+from tests.conftest import new_settings
+
+pytestmark = pytest.mark.integration
+
+WEEK_MS = str(7 * 24 * 3600 * 1000)
+
+
+async def _admin(bootstrap: str, action) -> None:  # type: ignore[no-untyped-def]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await action(admin)
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize(("topic", "configs", "named"), [
+    ("usage", {"retention.ms": WEEK_MS}, f"retention.ms={WEEK_MS}"),
+    ("usage", {"cleanup.policy": "compact"}, "cleanup.policy=compact"),
+    ("entries", {"retention.bytes": str(1024**3)}, f"retention.bytes={1024**3}"),
+])
+def test_a_log_topic_that_deletes_records_is_refused(bootstrap: str, tmp_path: Path, topic: str,
+                                                    configs: dict[str, str], named: str) -> None:
+    # Given a namespace whose topic an operator created with the broker's habits,
+    settings = new_settings(bootstrap, tmp_path)
+    name = getattr(Topics.for_namespace(settings.namespace), topic)
+    asyncio.run(_admin(bootstrap, lambda a: a.create_topics([NewTopic(name, settings.partitions, 1, topic_configs=configs)])))
+
+    # when the ledger starts on it, it refuses and says what to change;
+    with pytest.raises(TopicConfigError) as refused:
+        asyncio.run(ensure_topics(settings))
+    assert name in str(refused.value) and named in str(refused.value)
+    assert "retention.ms=-1" in str(refused.value)
+
+    # once the topic keeps everything, it starts.
+    asyncio.run(_admin(bootstrap, lambda a: a.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, KEPT_FOREVER)])))
+    assert asyncio.run(ensure_topics(settings)).usage.endswith(".usage")
+

@@ -1,0 +1,118 @@
+"""The seeded workload of the reliability tests and the audit of what the ledger made of it.
+
+The audit compares the account table (the last changelog value of every key, as a
+restore would see it), the entries and gate topics, and the DuckDB history with
+an independent Fraction oracle: nothing lost, nothing double-counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+
+from ledger.account import Account
+from ledger.events import AnyCommand, GateEvent, LedgerEntry, UsageRecorded
+from ledger.settings import Settings
+from projections.projector import connect
+from streams.progress import end_offsets
+from streams.topics import Topics
+from tests.factories import T0, assigned, published, seed_plans, usage
+from tests.kafka_io import read_all, read_partitions
+from tests.oracle import UserOracle
+
+HEAVY_EVERY = 50  # every 50th user is a pro user running up the $5 session cap
+PROGRESS_POLL_S = 0.2
+
+
+def workload(users: int, events: int, seconds_between: float = 1.0, seed: int = 2026
+             ) -> tuple[dict[str, str], list[AnyCommand], list[UsageRecorded]]:
+    """Half the users on free, half on pro; one event every ``seconds_between`` overall, round robin over users.
+
+    Each user's events are ``users * seconds_between`` apart: keep that under the plans'
+    30-minute session timeout so the oracle's one-session, one-period model holds.
+    """
+    assert users * seconds_between < 30 * 60, "users' events would fall into several sessions"
+    rng = random.Random(seed)
+    plans = seed_plans()
+    names = {f"user{i:04d}": ("free" if i % 2 else "pro") for i in range(users)}
+    heavy = {u for i, u in enumerate(names) if i % HEAVY_EVERY == 0}
+    calls = []
+    for n in range(events):
+        user = f"user{n % users:04d}"
+        if names[user] == "free":
+            model, i, o = "gpt-4o-mini", rng.randint(0, 200), rng.randint(0, 200)
+        elif user in heavy:
+            model, i, o = "gpt-4o", 20_000, 10_000
+        else:
+            model, i, o = rng.choice(["gpt-4o-mini", "gpt-4o"]), rng.randint(0, 1500), rng.randint(0, 1500)
+        calls.append(usage(user, n, model=model, input_tokens=i, output_tokens=o,
+                           at=T0 + timedelta(seconds=n * seconds_between)))
+    setup: list[AnyCommand] = [published(p) for p in plans.values()]
+    setup += [assigned(u, plans[p]) for u, p in names.items()]
+    return names, setup, calls
+
+
+def produced(settings: Settings, topic: str) -> int:
+    return sum(asyncio.run(end_offsets(settings, (topic,))).values())
+
+
+def wait_for_entries(settings: Settings, count: float, healthy: Callable[[], None], timeout_s: float = 180) -> None:
+    """Wait until the entries topic holds ``count`` records, calling ``healthy()`` (which raises) meanwhile."""
+    entries = Topics.for_namespace(settings.namespace).entries
+    deadline = time.monotonic() + timeout_s
+    while (n := produced(settings, entries)) < count:
+        healthy()
+        assert time.monotonic() < deadline, f"no progress to {count:,.0f} entries in {timeout_s}s (at {n:,})"
+        time.sleep(PROGRESS_POLL_S)
+
+
+def audit(settings: Settings, users: dict[str, str], events: list[UsageRecorded]) -> dict[str, Any]:
+    """Assert that table, topics and history equal the oracle; return how many outputs were repeated."""
+    topics = Topics.for_namespace(settings.namespace)
+    oracle = {u: UserOracle(plan) for u, plan in users.items()}
+    for e in events:
+        oracle[e.user].apply(e.event_id, e.model, e.input_tokens, e.output_tokens)
+
+    changelog = f"{settings.namespace}-processor-accounts-changelog"
+    accounts: dict[str, Account] = {}
+    for records in read_partitions(settings, changelog).values():
+        for _key, value in records:
+            if msgspec.json.decode(value).get("type") == "account":
+                account = msgspec.json.decode(value, type=Account)
+                accounts[account.user] = account
+    assert {u: a.period_spend for u, a in accounts.items()} == {u: o.spend_decimal for u, o in oracle.items()}
+    assert {u: dict(a.period_tokens) for u, a in accounts.items()} == {u: dict(o.tokens) for u, o in oracle.items()}
+
+    # Entries: every event present; any repeat is the same bytes (same deterministic content).
+    raw_entries = read_all(settings, topics.entries)
+    by_id: dict[str, set[bytes]] = defaultdict(set)
+    for raw in raw_entries:
+        by_id[msgspec.json.decode(raw, type=LedgerEntry).event_id].add(raw)
+    assert len(by_id) == len(events) and all(len(v) == 1 for v in by_id.values())
+
+    # Gates: exactly the oracle's crossings; repeats only under the same id with the same content.
+    raw_gates = read_all(settings, topics.gates)
+    gates_by_id: dict[str, set[bytes]] = defaultdict(set)
+    for raw in raw_gates:
+        gates_by_id[msgspec.json.decode(raw, type=GateEvent).gate_id].add(raw)
+    assert all(len(v) == 1 for v in gates_by_id.values())
+    distinct = [msgspec.json.decode(next(iter(v)), type=GateEvent) for v in gates_by_id.values()]
+    assert sorted((g.user, g.kind, g.dimension, g.model, g.cause_event_id) for g in distinct) == sorted(
+        (u, kind, dim, model, cause) for u, o in oracle.items() for (kind, dim, model), cause in o.crossings.items())
+    assert {g.dimension for g in distinct} == {"model_tokens", "session_spend"}
+
+    with connect(settings.history_path, read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT event_id) FROM ledger_entries").fetchone() == (
+            len(events), len(events))
+        spend = dict(con.execute("SELECT user_id, sum(cost) FROM ledger_entries GROUP BY user_id").fetchall())
+        assert spend == {u: o.spend_decimal for u, o in oracle.items()}
+        assert con.execute("SELECT count(*) FROM gate_events").fetchone()[0] == len(distinct)
+    return {"entries_repeated": len(raw_entries) - len(events), "gates_repeated": len(raw_gates) - len(distinct),
+            "gates": len(distinct)}

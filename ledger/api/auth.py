@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,7 +30,7 @@ async def principal(request: Request, credentials: HTTPAuthorizationCredentials 
     return found
 
 
-def require(*scopes: Scope) -> Callable[[Principal], Principal]:
+def require(*scopes: Scope) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency that admits a key holding any of ``scopes``."""
     async def check(who: Principal = Depends(principal)) -> Principal:
         if not who.scopes & set(scopes):

@@ -337,7 +337,6 @@ def current_period(account: Account, plan: Plan, at: datetime) -> tuple[datetime
 
 def roll_period(account: Account, plan: Plan, at: datetime, cause_event_id: str) -> tuple[GateEvent, ...]:
     """Enter the period containing ``at``: spend and tokens reset, period blocks are lifted."""
-    was_set = account.period_start is not None
     if account.period_start is not None:
         account.closed[account.period_start.isoformat()] = ClosedPeriod(
             spend=account.period_spend, tokens=dict(account.period_tokens),
@@ -347,8 +346,7 @@ def roll_period(account: Account, plan: Plan, at: datetime, cause_event_id: str)
     account.period_start, account.period_end = current_period(account, plan, at)
     account.period_spend, account.period_tokens, account.crossed = ZERO, {}, [
         key for key in account.crossed if key.startswith(BALANCE)]
-    if not was_set:
-        return ()
+    # Also after a re-anchored subscription (no period was set): blocks of the old period end with it.
     return _lift_blocks(account, plan, _Cause(cause_event_id, at), lambda block: block.dimension not in PERIOD_DIMENSIONS)
 
 

@@ -36,10 +36,13 @@ def spend(account: Account | None, command: SpendQueried, plans: PlanLookup) -> 
     history = plans(account.tenant, account.plan_id)
     assert history is not None
     plan = history.newest
-    period_start, period_end = current_period(account, plan, at)
-    # Before the account's period (a question dated earlier than the newest event) the account's period is shown.
-    same_period = account.period_start is None or period_start <= account.period_start
-    if account.period_start is not None and same_period:
+    # A subscription that starts later (or a clock behind the anchor) shows its first period, still empty.
+    period_start, period_end = current_period(account, plan, max(at, account.anchor))
+    # No period yet (never used, or re-anchored since): the totals held are not this period's.
+    same_period = account.period_start is not None and period_start <= account.period_start
+    if same_period:
+        # Before the account's period (a question dated earlier than the newest event) the account's period is shown.
+        assert account.period_start is not None
         period_start, period_end = account.period_start, account.period_end or period_end
     period_spend = account.period_spend if same_period else ZERO
     model_tokens = dict(account.period_tokens) if same_period else {}

@@ -46,12 +46,16 @@ def sync_control(con: duckdb.DuckDBPyConnection, store: ControlStore) -> dict[st
         snapshot = session.snapshot()
     copied = rows(snapshot)
     con.execute("BEGIN")
-    for table in CONTROL:
-        con.execute(f"DELETE FROM {table.name}")
-        if copied[table.name]:
-            con.register("control_rows", pa.table({"v": pa.array([_encoder.encode(r) for r in copied[table.name]],
-                                                                  pa.string())}))
-            con.execute(f"INSERT INTO {table.name} {table.from_json_sql('control_rows')}")
-            con.unregister("control_rows")
+    try:
+        for table in CONTROL:
+            con.execute(f"DELETE FROM {table.name}")
+            if copied[table.name]:
+                con.register("control_rows", pa.table({"v": pa.array([_encoder.encode(r) for r in copied[table.name]],
+                                                                      pa.string())}))
+                con.execute(f"INSERT INTO {table.name} {table.from_json_sql('control_rows')}")
+                con.unregister("control_rows")
+    except BaseException:
+        con.execute("ROLLBACK")  # the connection may be a rebuild's, held for its next batches
+        raise
     con.execute("COMMIT")
     return {table.name: len(copied[table.name]) for table in CONTROL}

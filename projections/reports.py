@@ -192,7 +192,7 @@ def _cursor_values(cursor: str, by: str) -> tuple[Any, ...]:
         if by == "session":
             return str(values[0]), datetime.fromisoformat(values[1])
         return str(values[0]), int(values[1])
-    except (ValueError, TypeError, IndexError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, IndexError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ValueError(f"cursor {cursor[:40]!r} is not a cursor of a history grouped by {by}") from None
 
 

@@ -163,8 +163,6 @@ class WebhookDispatcher:
                 events = [e for records in batch.values() for r in records if r.value is not None
                           and (e := outbound(r.value, r.timestamp)) is not None]
                 added = await asyncio.to_thread(self._record, events)
-                self.metrics.gates_read.inc(len(events))
-                self.metrics.deliveries_recorded.inc(added)
                 # Only now: every delivery of the batch is in the log, pending until it is delivered or given up.
                 try:
                     await consumer.commit()
@@ -172,6 +170,9 @@ class WebhookDispatcher:
                     # The partitions moved to another member during the batch: it reads the batch again, and
                     # recording it again adds nothing.
                     log.warning("offsets not committed (%s); the batch will be read again", exc)
+                else:  # counted once: a batch read again after a failed commit is counted then
+                    self.metrics.gates_read.inc(len(events))
+                    self.metrics.deliveries_recorded.inc(added)
                 if added:
                     log.info("%d gate events: %d deliveries to make", len(events), added)
                     self._wake.set()
@@ -198,8 +199,6 @@ class WebhookDispatcher:
     def _settle_and_claim(self, outcomes: list[Outcome], limit: int) -> list[DueDelivery]:
         """Log finished attempts and claim the next due deliveries, in one unit of work."""
         now = self.clock()
-        for o in outcomes:
-            self.metrics.attempts.labels(o.state.value).inc()
         with self.store.session() as session:
             for o in outcomes:
                 session.record_attempt(o.due.webhook_id, o.due.event_id, state=o.state, at=o.at, status=o.status,
@@ -207,9 +206,10 @@ class WebhookDispatcher:
                 if o.gone:
                     session.disable_webhook(o.due.webhook_id, GONE_REASON)
                     log.warning("webhook endpoint %s (%s) answered 410 Gone: disabled", o.due.webhook_id, o.due.url)
-            if limit <= 0:
-                return []
-            return session.claim_due(now, now + timedelta(seconds=ATTEMPT_LEASE_S), limit)
+            claimed = session.claim_due(now, now + timedelta(seconds=ATTEMPT_LEASE_S), limit) if limit > 0 else []
+        for o in outcomes:  # once the unit of work that logs them has committed
+            self.metrics.attempts.labels(o.state.value).inc()
+        return claimed
 
     async def _dispatch(self, stop: asyncio.Event, ingest: asyncio.Task[None]) -> None:
         # An attempt's outcome is logged with the next claim: until then a crash leaves its row leased,

@@ -21,7 +21,7 @@ from ledger.api.auth import require
 from ledger.api.wire import JSONResponse
 from ledger.control.keys import Scope
 from ledger.control.store import Principal
-from ledger.events import SpendAnswer, SpendQueried
+from ledger.events import NAME_LENGTH_MAX, SpendAnswer, SpendQueried
 
 router = APIRouter(tags=["spend"])
 reader = require(Scope.read, Scope.admin)
@@ -35,8 +35,10 @@ To = Annotated[datetime | None, Query(alias="to", description=_RANGE)]
             responses={404: {"description": "The user has no plan (nothing is known about them)."}},
             summary="A user's live spend: this period, open sessions, per model, what is left of each limit")
 async def live_spend(user: str, request: Request, who: Principal = Depends(reader)) -> JSONResponse:
-    if "\x00" in user:  # no user registered through this API can have one (PostgreSQL text cannot hold it)
-        raise HTTPException(404, "user ids cannot contain NUL")
+    if "\x00" in user or len(user) > NAME_LENGTH_MAX:
+        # No usage event can name such a user (and PostgreSQL text cannot hold NUL): nobody to ask about.
+        raise HTTPException(404, f"no user {user[:NAME_LENGTH_MAX]!r}: ids are 1 to {NAME_LENGTH_MAX} characters "
+                                 "without NUL")
     now = datetime.now(UTC)
     answer = await ask(request, SpendQueried(event_id=str(uuid.uuid4()), request_id=str(uuid.uuid4()),
                                              tenant=who.tenant_id, user=user, occurred_at=now), SpendAnswer)

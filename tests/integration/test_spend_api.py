@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 from collections import defaultdict
@@ -86,6 +87,11 @@ def test_history_pages_with_a_cursor_and_every_page_is_the_full_answer_in_order(
     assert bad.status_code == 422 and "cursor" in bad.json()["detail"]
     naive = client.get("/api/v1/spend/bo/history", params={"from": "2026-11-01T00:00:00"}, headers=auth)
     assert naive.status_code == 422 and "zone" in naive.json()["detail"]
+    infinite = base64.urlsafe_b64encode(b'["plan_version", "pro", Infinity]').decode()
+    bad = client.get("/api/v1/spend/bo/history", params={"group_by": "plan_version", "cursor": infinite}, headers=auth)
+    assert bad.status_code == 422, bad.text
+    # A user no usage event can name is answered at once, not after the ledger's timeout.
+    assert client.get(f"/api/v1/spend/{'x' * 129}", headers=auth).status_code == 404
 
 
 def test_reports_are_scoped_to_the_key_s_tenant(acme):

@@ -68,3 +68,26 @@ def test_reservations_and_the_prepaid_balance_are_shown():
     assert ask(led, "u", T0 + timedelta(seconds=700)).reserved == 0  # expired in event time
     ok(led.apply(usage("u", 1, model="m", input_tokens=30_000, output_tokens=0)))
     assert ask(led, "u", T0 + timedelta(minutes=2)).status == "blocked"
+
+
+def test_a_subscription_that_starts_later_shows_its_first_period_empty():
+    led = ledger_with(TINY)
+    ok(led.apply(assigned("u", TINY, start=T0 + timedelta(days=10))))
+    early = ask(led, "u", T0)  # the question precedes the subscription (or the API's clock is behind)
+    assert (early.status, early.period_spend, early.period_start) == ("ok", 0, T0 + timedelta(days=10))
+
+
+def test_a_re_anchored_subscription_starts_an_empty_period_and_lifts_the_old_period_s_block():
+    led = ledger_with(TINY)
+    ok(led.apply(assigned("u", TINY)))
+    for n in range(5):
+        ok(led.apply(usage("u", n, model="m", input_tokens=20_000, output_tokens=0)))
+    assert ask(led, "u", T0 + timedelta(hours=1)).status == "blocked"
+    new_anchor = T0 + timedelta(days=3)
+    ok(led.apply(assigned("u", TINY, start=new_anchor)))
+    fresh = ask(led, "u", new_anchor + timedelta(hours=1))
+    assert (fresh.status, fresh.period_spend, fresh.period_start) == ("ok", 0, new_anchor)
+    # The next call is admitted, and the block of the old period is lifted once, with an event.
+    admitted = ok(led.apply(check("u", 99, tokens=1_000, at=new_anchor + timedelta(hours=2))))
+    assert admitted.reply is not None and admitted.reply.decision == "allow"
+    assert [(g.kind, g.dimension) for g in admitted.gates] == [("unblocked", "period_spend")]

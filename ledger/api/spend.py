@@ -118,7 +118,6 @@ async def _query(request: Request, run: Callable[[Any], Any]) -> Any:
         raise HTTPException(422, str(exc)) from None
 
 
-
 def _empty_history() -> Any:
     import duckdb
 

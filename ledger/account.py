@@ -172,6 +172,10 @@ def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> D
         return spend(account, command, plans)
     if account is not None:
         seen = account.seen.get(command.event_id)
+        if seen is not None and isinstance(command, CheckRequested):
+            from ledger.admission import answer_again
+
+            return answer_again(account, command)
         if seen is not None:
             if seen == payload_digest(command):
                 return Decision(result=Result.duplicate, code="duplicate",

@@ -13,6 +13,7 @@ actual usage of admitted calls exceeds their estimates.
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from decimal import Decimal
 
@@ -37,13 +38,35 @@ from ledger.periods import session_expired
 from ledger.pricing import price
 
 
-def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -> Decision:
-    def answer(decision: str, reason: str, *, dimension: str | None = None, remaining: dict[str, Decimal] | None = None,
-               cost: Decimal | None = None, reserved: bool = False) -> CheckAnswer:
-        return CheckAnswer(request_id=command.request_id, reservation_id=command.event_id if reserved else None,
-                           tenant=command.tenant, user=command.user, decision=decision,  # type: ignore[arg-type]
-                           reason=reason, dimension=dimension, remaining=remaining or {}, estimate_cost=cost)
+def answer_again(account: Account, command: CheckRequested) -> Decision:
+    """A check whose id (the reservation's) was decided before: a retry. It changes nothing.
 
+    Its request id and time differ from the first attempt's, so it is recognised by id alone. A
+    reservation still held is confirmed, so a client that lost the first answer can retry without
+    holding its estimate twice; otherwise the first answer was a refusal, or the reservation has been
+    settled or has expired, and the retry is refused.
+    """
+    held = account.reservations.get(command.event_id)
+    if held is not None and held.expires_at > command.occurred_at:
+        reply = _answer(command, "allow", f"reservation {command.event_id} is held (this check was admitted before)",
+                        cost=held.cost, reserved=True)
+    else:
+        reply = _answer(command, "block", f"check {command.event_id} was decided before and holds nothing now "
+                                          "(refused, settled or expired): check again with a new id",
+                        dimension="reservations")
+    return Decision(result=Result.duplicate, code="duplicate", reason=reply.reason, reply=reply)
+
+
+def _answer(command: CheckRequested, decision: str, reason: str, *, dimension: str | None = None,
+            remaining: dict[str, Decimal] | None = None, cost: Decimal | None = None,
+            reserved: bool = False) -> CheckAnswer:
+    return CheckAnswer(request_id=command.request_id, reservation_id=command.event_id if reserved else None,
+                       tenant=command.tenant, user=command.user, decision=decision,  # type: ignore[arg-type]
+                       reason=reason, dimension=dimension, remaining=remaining or {}, estimate_cost=cost)
+
+
+def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -> Decision:
+    answer = functools.partial(_answer, command)
     if account is None or account.plan_id is None or account.anchor is None:
         return Decision(result=Result.ok, reply=answer("block", f"user {command.user} has no plan", dimension="plan"))
     history = plans(command.tenant, account.plan_id)

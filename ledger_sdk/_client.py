@@ -26,7 +26,7 @@ from ledger_sdk._transport import (
     retry_delay_s,
     transport_error,
 )
-from ledger_sdk._types import CheckResult, GateEvent, HistoryRow, Outcome, Spend, UsageEvent
+from ledger_sdk._types import CheckResult, GateEvent, HistoryRow, Outcome, Spend, UsageEvent, new_event_id
 
 T = TypeVar("T")
 API_PREFIX = "/api/v1"
@@ -76,11 +76,15 @@ class _Calls:
     def check(user: str, model: str, session_id: str | None, input_tokens: int | None, output_tokens: int | None,
               reserve: bool, ttl_seconds: int | None) -> _Request:
         body: dict[str, Any] = {"user": user, "model": model, "reserve": reserve}
+        # A reserving check carries its reservation id from the first attempt: the ledger confirms a retry
+        # of an admitted check instead of holding its estimate twice, so it is as safe to retry as a read.
+        reservation_id = new_event_id() if reserve else None
         for name, value in (("session_id", session_id), ("input_tokens", input_tokens),
-                            ("output_tokens", output_tokens), ("ttl_seconds", ttl_seconds)):
+                            ("output_tokens", output_tokens), ("ttl_seconds", ttl_seconds),
+                            ("reservation_id", reservation_id)):
             if value is not None:
                 body[name] = value
-        return _Request("POST", "/check", msgspec.json.encode(body), idempotent=not reserve)
+        return _Request("POST", "/check", msgspec.json.encode(body))
 
     @staticmethod
     def spend(user: str) -> _Request:

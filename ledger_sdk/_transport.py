@@ -1,9 +1,9 @@
 """How requests reach the ledger: bounded retries over HTTP, and a Kafka producer for high volumes.
 
 A retry resends the same request: the same event ids, the same bytes. That is what makes a
-retry safe for usage (the ledger counts an event id once). A reserving check is not safe to
-resend after the server may have seen it (it would hold the estimate twice until the ttl), so
-it is retried only when the request certainly did not arrive.
+retry safe for usage (the ledger counts an event id once) and for a reserving check (it carries
+its reservation id, and the ledger confirms a reservation it already holds instead of holding the
+estimate twice).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from ledger.api.auth import require
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
 from ledger.control.store import Principal
-from ledger.events import DEFAULT_SESSION, CheckAnswer, CheckRequested, Name, Tokens, ToppedUp
+from ledger.events import DEFAULT_SESSION, CheckAnswer, CheckRequested, EventId, Name, Tokens, ToppedUp
 
 router = APIRouter(tags=["calls"])
 
@@ -29,6 +29,9 @@ class CheckBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     output_tokens: Tokens | None = None
     reserve: bool = False
     ttl_seconds: Annotated[int, msgspec.Meta(ge=1, le=86_400)] = 600
+    reservation_id: Annotated[EventId | None, msgspec.Meta(
+        description="Your id for this check, so a retry is recognised: a reservation it placed is confirmed, "
+                    "never held twice. Default: a new id per request.")] = None
 
 
 class TopUpBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -42,7 +45,8 @@ async def check(request: Request, who: Principal = Depends(require(Scope.ingest,
     body = decode(await read_body(request), CheckBody)
     request_id = str(uuid.uuid4())
     command = CheckRequested(
-        event_id=str(uuid.uuid4()), request_id=request_id, tenant=who.tenant_id, user=body.user, model=body.model,
+        event_id=body.reservation_id or str(uuid.uuid4()), request_id=request_id, tenant=who.tenant_id,
+        user=body.user, model=body.model,
         session_id=body.session_id, input_tokens=body.input_tokens, output_tokens=body.output_tokens,
         reserve=body.reserve, ttl_seconds=body.ttl_seconds, occurred_at=datetime.now(UTC))
     answer = await ask(request, command, CheckAnswer)

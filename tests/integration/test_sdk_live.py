@@ -57,17 +57,18 @@ def subscribe(base: str, key: str, users: list[str]) -> None:
 class LoseTheFirstAnswer(httpx.HTTPTransport):
     """A real HTTP transport that lets the first usage request reach the server, then drops its answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str = "/usage", accepted: int = 202) -> None:
         super().__init__()
+        self.path, self.accepted = path, accepted
         self.usage_bodies: list[bytes] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = super().handle_request(request)
-        if request.url.path.endswith("/usage"):
+        if request.url.path.endswith(self.path):
             self.usage_bodies.append(request.content)
             if len(self.usage_bodies) == 1:
                 response.read()
-                assert response.status_code == 202, "the server must have accepted the event"
+                assert response.status_code == self.accepted, "the server must have accepted the request"
                 raise httpx.ReadTimeout("the answer was lost after the server accepted the event", request=request)
         return response
 
@@ -236,3 +237,17 @@ def test_spend_and_history_through_the_client_agree_after_the_projector_catches_
     assert [(r.model, r.calls) for r in rows] == [("m", 7)]
     assert sum(r.spend for r in rows) == live.period_spend
     assert live.model_tokens == {"m": sum(r.input_tokens + r.output_tokens for r in rows)}
+
+
+def test_a_reserving_check_whose_answer_was_lost_is_retried_and_holds_its_estimate_once(settings, worker, ledger_api):
+    base, key = ledger_api
+    subscribe(base, key, ["holder"])
+    lossy = LoseTheFirstAnswer("/check", accepted=200)
+    with LedgerClient(base, key, retry=FAST_RETRY, transport=lossy) as ledger:
+        held = ledger.reserve("holder", "m", input_tokens=10_000, output_tokens=0)  # $0.10 of METERED
+        assert held.decision == "allow" and held.reservation_id is not None
+        assert len(lossy.usage_bodies) == 2 and lossy.usage_bodies[0] == lossy.usage_bodies[1]
+        assert ledger.spend("holder").reserved == Decimal("0.10")  # held once, not twice
+        # The call's usage settles it; a retry of the check after that holds nothing.
+        ledger.record_usage("holder", "m", 10_000, 0, reservation_id=held.reservation_id)
+        assert ledger.spend("holder").reserved == 0

@@ -186,3 +186,23 @@ def test_a_new_version_that_only_respells_a_threshold_raises_no_second_gate():
     later = ok(led.apply(usage("u", 5, session="b")))                               # a v2 session: 10,000 tokens
     assert kinds(first) == [("soft_warning", "model_tokens")]
     assert kinds([later]) == [("hard_block", "model_tokens")]
+
+
+def test_a_retried_check_is_recognised_by_its_id_and_never_holds_the_estimate_twice():
+    led = ledger_with(TINY)
+    ok(led.apply(assigned("u", TINY)))
+    first = ok(led.apply(check("u", 1, tokens=10_000)))
+    assert first.reply is not None and first.reply.reservation_id == "res-u-1"
+    # The same check again (the client lost the answer): another request id and time, the same id.
+    retry = led.apply(msgspec.structs.replace(check("u", 1, tokens=10_000), request_id="req-again",
+                                              occurred_at=T0 + timedelta(seconds=30)))
+    assert retry.result is Result.duplicate and retry.account is None and not retry.gates
+    assert retry.reply is not None and retry.reply.request_id == "req-again"
+    assert (retry.reply.decision, retry.reply.reservation_id) == ("allow", "res-u-1")
+    assert list(led.account("u").reservations) == ["res-u-1"]
+    # Once settled, a retry holds nothing and says so.
+    ok(led.apply(msgspec.structs.replace(usage("u", 1, model="m", input_tokens=10_000, output_tokens=0),
+                                         reservation_id="res-u-1")))
+    late = led.apply(msgspec.structs.replace(check("u", 1, tokens=10_000), request_id="req-late"))
+    assert late.reply is not None and (late.reply.decision, late.reply.dimension) == ("block", "reservations")
+    assert led.account("u").reservations == {}

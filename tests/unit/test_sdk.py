@@ -126,18 +126,20 @@ def test_retries_are_bounded(answer, error):
     assert len({r.content for r in recorder.requests}) == 1
 
 
-def test_a_reserving_check_is_resent_only_when_it_certainly_did_not_arrive():
-    lost = Recorder(httpx.ReadTimeout("slow"))
-    with client(lost) as ledger, pytest.raises(TransportError):
-        ledger.reserve("u42", "gpt-4o", input_tokens=100)
-    assert len(lost.requests) == 1  # the server may have reserved: a resend would hold the estimate twice
-
+def test_a_reserving_check_carries_its_reservation_id_from_the_first_attempt_and_every_retry_resends_it():
     allow = httpx.Response(200, json={"decision": "allow", "reason": "ok", "reservation_id": "r1"})
-    refused = Recorder(httpx.ConnectError("refused"), httpx.Response(503), allow)
-    with client(refused) as ledger:
+    lost = Recorder(httpx.ReadTimeout("slow"), httpx.ConnectError("refused"), httpx.Response(503), allow)
+    with client(lost) as ledger:
         assert ledger.reserve("u42", "gpt-4o", input_tokens=100).reservation_id == "r1"
-    assert len(refused.requests) == 3
-    assert refused.bodies()[0] == {"user": "u42", "model": "gpt-4o", "reserve": True, "input_tokens": 100}
+    assert len(lost.requests) == 4  # a lost answer is retried too: the ledger recognises the id
+    first, *retries = lost.bodies()
+    assert {k: v for k, v in first.items() if k != "reservation_id"} == {
+        "user": "u42", "model": "gpt-4o", "reserve": True, "input_tokens": 100}
+    assert first["reservation_id"] and all(r == first for r in retries)
+    plain = Recorder(allow)
+    with client(plain) as ledger:
+        ledger.check("u42", "gpt-4o")
+    assert "reservation_id" not in plain.bodies()[0]  # a plain check reserves nothing and names no reservation
 
 
 def test_a_402_is_a_blocked_result_of_check_and_raises_blocked_from_reserve():

@@ -170,12 +170,16 @@ def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> D
         from ledger.spend import spend  # read-only, and never remembered: asking twice is not a duplicate
 
         return spend(account, command, plans)
+    if isinstance(command, CheckRequested):
+        from ledger.admission import answer_again, check  # admission builds on this module's state and helpers
+
+        # A check's request id and time differ on every attempt, so a retry is known by its id alone. A
+        # plain check holds nothing: asking again is just asking.
+        if command.reserve and account is not None and command.event_id in account.seen:
+            return answer_again(account, command)
+        return check(account, command, plans)
     if account is not None:
         seen = account.seen.get(command.event_id)
-        if seen is not None and isinstance(command, CheckRequested):
-            from ledger.admission import answer_again
-
-            return answer_again(account, command)
         if seen is not None:
             if seen == payload_digest(command):
                 return Decision(result=Result.duplicate, code="duplicate",
@@ -187,10 +191,6 @@ def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> D
         return _assign_plan(account, command, plans)
     if isinstance(command, ToppedUp):
         return _top_up(account, command, plans)
-    if isinstance(command, CheckRequested):
-        from ledger.admission import check  # admission builds on this module's state and helpers
-
-        return check(account, command, plans)
     return _record_usage(account, command, plans)
 
 

@@ -206,3 +206,14 @@ def test_a_retried_check_is_recognised_by_its_id_and_never_holds_the_estimate_tw
     late = led.apply(msgspec.structs.replace(check("u", 1, tokens=10_000), request_id="req-late"))
     assert late.reply is not None and (late.reply.decision, late.reply.dimension) == ("block", "reservations")
     assert led.account("u").reservations == {}
+
+
+def test_a_plain_check_asked_again_under_the_same_id_is_simply_answered_again():
+    led = ledger_with(TINY)
+    ok(led.apply(assigned("u", TINY)))
+    for n in range(2):
+        again = led.apply(msgspec.structs.replace(check("u", 1, tokens=10_000, reserve=False), request_id=f"req-{n}",
+                                                  occurred_at=T0 + timedelta(seconds=n)))
+        assert again.result is Result.ok and again.reply is not None
+        assert (again.reply.request_id, again.reply.decision, again.reply.reservation_id) == (f"req-{n}", "allow", None)
+    assert led.account("u").reservations == {}

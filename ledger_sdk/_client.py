@@ -50,7 +50,6 @@ class _Request(msgspec.Struct, frozen=True):
     path: str
     body: bytes | None = None
     params: dict[str, str] = {}
-    idempotent: bool = True
 
 
 def _usage_event(user: str, model: str, input_tokens: int, output_tokens: int, *, session_id: str,
@@ -164,7 +163,7 @@ class LedgerClient:
                 outcome = self._http.send(request)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = retry_delay_s(self.retry, attempt, outcome, idempotent=call.idempotent)
+            delay = retry_delay_s(self.retry, attempt, outcome)
             if delay is None:
                 if isinstance(outcome, httpx.TransportError):
                     raise transport_error(outcome, attempt) from outcome
@@ -241,7 +240,7 @@ class AsyncLedgerClient:
                 outcome = await self._http.send(request)
             except httpx.TransportError as exc:
                 outcome = exc
-            delay = retry_delay_s(self.retry, attempt, outcome, idempotent=call.idempotent)
+            delay = retry_delay_s(self.retry, attempt, outcome)
             if delay is None:
                 if isinstance(outcome, httpx.TransportError):
                     raise transport_error(outcome, attempt) from outcome
@@ -342,7 +341,7 @@ class GateStream:
                     if not response.is_success:
                         await response.aread()
                         failures += 1
-                        delay = retry_delay_s(self._client.retry, failures, response, idempotent=True)
+                        delay = retry_delay_s(self._client.retry, failures, response)
                         if delay is None:
                             raise_for_status(response)
                         await asyncio.sleep(delay or 0)
@@ -360,7 +359,7 @@ class GateStream:
                 await asyncio.sleep(self._client.retry.delay_s(1))  # the server ended the stream (a restart)
             except httpx.TransportError as exc:
                 failures += 1
-                delay = retry_delay_s(self._client.retry, failures, exc, idempotent=True)
+                delay = retry_delay_s(self._client.retry, failures, exc)
                 if delay is None:
                     raise transport_error(exc, failures) from exc
                 await asyncio.sleep(delay)

@@ -20,8 +20,6 @@ from ledger_sdk._errors import TransportError, error_for
 from ledger_sdk._types import Outcome, UsageEvent
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-# Answered before the request did anything: safe to resend even when the request is not idempotent.
-NOT_APPLIED_STATUSES = frozenset({429, 503})
 RETRY_AFTER_S_MAX = 30.0
 
 
@@ -55,15 +53,13 @@ def retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
-def retry_delay_s(policy: RetryPolicy, attempt: int, outcome: httpx.Response | httpx.TransportError,
-                  *, idempotent: bool) -> float | None:
+def retry_delay_s(policy: RetryPolicy, attempt: int, outcome: httpx.Response | httpx.TransportError) -> float | None:
     """Seconds to wait before the next attempt, or None to stop here (success, or not retryable)."""
     if attempt >= policy.attempts_max:
         return None
     if isinstance(outcome, httpx.TransportError):
-        never_arrived = isinstance(outcome, httpx.ConnectError | httpx.ConnectTimeout)
-        return policy.delay_s(attempt) if idempotent or never_arrived else None
-    if outcome.status_code in (RETRY_STATUSES if idempotent else NOT_APPLIED_STATUSES):
+        return policy.delay_s(attempt)
+    if outcome.status_code in RETRY_STATUSES:
         return policy.delay_s(attempt, retry_after_s(outcome))
     return None
 

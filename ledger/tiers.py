@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 import yaml
 
-from ledger.money import MONEY_CONTEXT
+from ledger.money import MONEY_CONTEXT, money
 from ledger.plans import MODEL_NAME_LENGTH_MAX, PLAN_NAME_LENGTH_MAX, PLANS_PER_FILE_MAX, CostRate, Plan
 
 __all__ = [
@@ -155,6 +155,23 @@ def margin(tier: Tier) -> Margin:
         why = "paygo tiers have no budget" if tier.billing_mode == "paygo" else "spend_limit_cents 0 is unlimited"
         raise TierError(f"tier {tier.tier_code!r}: no fixed margin ({why}; cost varies with usage)")
     return margin_from(tier.price_usd, budget, tier.markup)
+
+
+class Realised(msgspec.Struct, frozen=True, kw_only=True):
+    """What a tier earned over some billing periods, from the ledger's recorded cost."""
+
+    revenue_usd: Decimal  # price x periods
+    provider_cost_usd: Decimal  # cost / markup
+    profit_usd: Decimal  # revenue - cost
+
+
+def realised(tier: Tier, periods: int, cost_usd: Decimal) -> Realised:
+    """The realised margin: the ledger's ``cost`` already includes the markup (rounded once per event), so
+    profit = price x periods - cost, and the provider's share is cost / markup."""
+    with localcontext(MONEY_CONTEXT):
+        revenue = tier.price_usd * periods
+        return Realised(revenue_usd=revenue, provider_cost_usd=money(cost_usd / tier.markup),
+                        profit_usd=revenue - cost_usd)
 
 
 def target_budget(price_usd: Decimal | int | str, target_margin: Decimal | int | str,

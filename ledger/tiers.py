@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 from typing import Any, Literal, Protocol
 
 import msgspec
@@ -155,6 +155,12 @@ def margin(tier: Tier) -> Margin:
         why = "paygo tiers have no budget" if tier.billing_mode == "paygo" else "spend_limit_cents 0 is unlimited"
         raise TierError(f"tier {tier.tier_code!r}: no fixed margin ({why}; cost varies with usage)")
     return margin_from(tier.price_usd, budget, tier.markup)
+
+
+def spend_limit_cents_for(budget_usd: Decimal) -> int:
+    """A budget as the tiers file's ``spend_limit_cents``: rounded down, so the margin stays at or above
+    what the budget was computed for (0 means under a cent, which the file would read as unlimited)."""
+    return int(budget_usd.scaleb(2).to_integral_value(rounding=ROUND_FLOOR))
 
 
 class Realised(msgspec.Struct, frozen=True, kw_only=True):

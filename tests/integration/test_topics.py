@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -46,5 +47,18 @@ def test_a_log_topic_that_deletes_records_is_refused(bootstrap: str, tmp_path: P
 
     # once the topic keeps everything, it starts.
     asyncio.run(_admin(bootstrap, lambda a: a.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, KEPT_FOREVER)])))
-    assert asyncio.run(ensure_topics(settings)).usage.endswith(".usage")
+    assert _ensure_once_the_change_is_visible(settings).usage.endswith(".usage")
+
+
+def _ensure_once_the_change_is_visible(settings, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]
+    """The broker applies an altered config through its metadata log: a describe right after may still show
+    the old value. Retry until it does not, within a bound."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return asyncio.run(ensure_topics(settings))
+        except TopicConfigError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 

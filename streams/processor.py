@@ -114,10 +114,9 @@ class UsageProcessor:
     def _tick(self, tick: ClockTicked, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:
         """A clock tick applies to every account of its partition."""
         prefix = f"{partition}:a:"
-        # The stored accounts, overlaid with this batch's newer ones: each read once.
-        accounts = dict(self._scan_state(prefix))
-        accounts.update((key, value) for key, value in batch.writes.items() if key.startswith(prefix))
-        for akey, account in sorted(accounts.items()):  # sorted: the same outputs in the same order on every replay
+        keys = {key for key, _ in self._scan_state(prefix)} | {k for k in batch.writes if k.startswith(prefix)}
+        for akey in sorted(keys):  # sorted: the same outputs in the same order on every replay
+            account = read(akey)
             decision = decide(account, tick, lambda tenant, plan_id: read(plan_key(partition, tenant, plan_id)))
             self._collect(decision, None, tick, akey, batch)
 

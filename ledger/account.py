@@ -51,14 +51,7 @@ TOPUP_AMOUNT_MAX = Decimal(1_000_000)
 GATE_NAMESPACE = uuid.UUID("0c7f3f2e-4b1d-5f0a-9a6e-7d2b9e51c3a4")
 # Blocks on these dimensions last for the period; a new period lifts them.
 PERIOD_DIMENSIONS = frozenset({"period_spend", "model_tokens"})
-
-
-def block_key(dimension: str, model: str | None) -> str:
-    """The key of a block in force on a dimension (and model) in ``Account.blocks``."""
-    return f"{dimension}:{model or ''}"
-
-
-BALANCE = block_key("balance", None)  # the block key and crossing-key prefix of the prepaid balance
+BALANCE = "balance:"  # the block key and crossing-key prefix of the prepaid balance
 
 
 class Result(enum.Enum):
@@ -264,13 +257,13 @@ def _tick(account: Account | None, command: ClockTicked, plans: PlanLookup) -> D
     """Time passed: a period that ended lifts its blocks; expired reservations are released."""
     if account is None or account.plan_id is None or account.anchor is None:
         return Decision(result=Result.ok)
+    history = plans(account.tenant, account.plan_id)
+    assert history is not None
     at = command.occurred_at
     expired = expire_reservations(account, at)
     if account.period_end is None or at < account.period_end:
         # Most ticks change nothing: say so, and the processor stores nothing.
         return Decision(result=Result.ok, account=account if expired else None)
-    history = plans(account.tenant, account.plan_id)
-    assert history is not None
     return Decision(result=Result.ok, account=account, gates=roll_period(account, history.newest, at, command.event_id))
 
 
@@ -289,7 +282,7 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     late = account.period_start is not None and period_start < account.period_start
 
     session = account.sessions.get(command.session_id)
-    new_session = session is None or session_ended(session, history, at)
+    new_session = session is None or session_expired(session.last_at, at, session_timeout(history.versions[session.plan_version]))
     if new_session:
         session = SessionState(session_id=command.session_id, started_at=at, last_at=at,
                                plan_version=newest.version)
@@ -418,11 +411,6 @@ def session_timeout(plan: Plan) -> timedelta:
     return _minutes(plan.session_timeout_minutes)
 
 
-def session_ended(session: SessionState, history: PlanHistory, at: datetime) -> bool:
-    """Whether ``session`` timed out by ``at``, under the plan version it started with."""
-    return session_expired(session.last_at, at, session_timeout(history.versions[session.plan_version]))
-
-
 @functools.lru_cache(maxsize=256)
 def _minutes(minutes: Decimal) -> timedelta:
     return timedelta(minutes=float(minutes))
@@ -438,7 +426,7 @@ def _prune_sessions(account: Account, at: datetime, history: PlanHistory) -> Non
     """Forget sessions that have ended by event time, and bound the rest."""
     sessions = account.sessions
     ended = [sid for sid, s in sessions.items()
-             if session_ended(s, history, at)]
+             if session_expired(s.last_at, at, session_timeout(history.versions[s.plan_version]))]
     for sid in ended:
         del sessions[sid]
     if len(sessions) > OPEN_SESSIONS_PER_USER_MAX:
@@ -459,19 +447,20 @@ def _crossings(account: Account, session: SessionState, plan: Plan,
                command: UsageRecorded) -> list[GateEvent]:
     """Gate events for every threshold this event crossed for the first time."""
     assert account.period_start is not None
-    dimensions: list[tuple[str, str | None, Decimal, list[str], bool]] = [
-        ("period_spend", None, account.period_spend, account.crossed, False),
-        ("session_spend", None, session.spend, session.crossed, True),
-        ("model_tokens", command.model, Decimal(account.period_tokens[command.model]), account.crossed, False),
+    model_limit = plan.model_limits.get(command.model)
+    dimensions: list[tuple[str, str | None, Decimal, Decimal | None, list[str], bool]] = [
+        ("period_spend", None, account.period_spend, plan.max_spend_per_period, account.crossed, False),
+        ("session_spend", None, session.spend, plan.max_spend_per_session, session.crossed, True),
+        ("model_tokens", command.model, Decimal(account.period_tokens[command.model]),
+         Decimal(model_limit.max_tokens_per_period) if model_limit else None, account.crossed, False),
     ]
     gates = []
-    for dimension, model, used, crossed, per_session in dimensions:
-        limit = limit_of(plan, dimension, model)
+    for dimension, model, used, limit, crossed, per_session in dimensions:
         for kind, threshold, key in _newly_crossed(plan, dimension, model, used, limit, crossed):
             assert limit is not None
             scope = session.scope if per_session else f"period:{account.period_start.isoformat()}"
             if kind == "hard_block" and dimension in PERIOD_DIMENSIONS:
-                account.blocks[block_key(dimension, model)] = Block(
+                account.blocks[f"{dimension}:{model or ''}"] = Block(
                     dimension=dimension, model=model, scope=scope, threshold=threshold, limit=limit,
                     plan_id=plan.plan_id, plan_version=plan.version)
             gates.append(_gate(account, plan, command, kind=kind, dimension=dimension, model=model,
@@ -516,10 +505,12 @@ def _late_corrections(account: Account, plan: Plan, command: UsageRecorded, cost
     closed.spend = add(closed.spend, cost)
     closed.tokens[command.model] = closed.tokens.get(command.model, 0) + tokens
     scope = f"period:{period_start.isoformat()}"
+    model_limit = plan.model_limits.get(command.model)
     gates = []
-    for dimension, model, used in (("period_spend", None, closed.spend),
-                                   ("model_tokens", command.model, Decimal(closed.tokens[command.model]))):
-        limit = limit_of(plan, dimension, model)
+    for dimension, model, used, limit in (
+            ("period_spend", None, closed.spend, plan.max_spend_per_period),
+            ("model_tokens", command.model, Decimal(closed.tokens[command.model]),
+             Decimal(model_limit.max_tokens_per_period) if model_limit else None)):
         for kind, threshold, key in _newly_crossed(plan, dimension, model, used, limit, closed.crossed):
             assert limit is not None
             gates.append(_gate(account, plan, command, kind=kind, dimension=dimension, model=model, threshold=threshold,

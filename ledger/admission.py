@@ -25,16 +25,16 @@ from ledger.account import (
     PlanLookup,
     Reservation,
     Result,
-    block_key,
     current_period,
     expire_reservations,
     limit_of,
     remember,
     roll_period,
-    session_ended,
+    session_timeout,
 )
 from ledger.events import CheckAnswer, CheckRequested, GateEvent
 from ledger.money import ZERO
+from ledger.periods import session_expired
 from ledger.pricing import price
 
 
@@ -77,7 +77,7 @@ def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -
                                                        dimension="plan"))
     newest = history.newest
     session = account.sessions.get(command.session_id)
-    if session is not None and session_ended(session, history, at):
+    if session is not None and session_expired(session.last_at, at, session_timeout(history.versions[session.plan_version])):
         session = None
     plan = history.versions[session.plan_version] if session else newest
     if not plan.allows(command.model):
@@ -118,7 +118,7 @@ def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -
         name = f"{dimension}:{model}" if model else dimension
         hard, soft = plan.hard_gate_at * limit, plan.soft_gate_at * limit
         projected = used + estimate
-        if block_key(dimension, model) in account.blocks or projected > hard:
+        if f"{dimension}:{model or ''}" in account.blocks or projected > hard:
             return Decision(result=Result.ok, account=account, gates=gates, reply=answer(
                 "block", f"{name} would reach {projected} of its hard limit {hard}", dimension=name, cost=cost))
         if projected >= soft and warn is None:

@@ -16,13 +16,13 @@ from ledger.account import (
     Decision,
     PlanLookup,
     Result,
-    block_key,
     current_period,
     limit_of,
-    session_ended,
+    session_timeout,
 )
 from ledger.events import LimitStatus, LimitUse, SessionSpend, SpendAnswer, SpendQueried
 from ledger.money import ZERO
+from ledger.periods import session_expired
 from ledger.plans import Plan
 
 _SEVERITY: dict[str, int] = {"ok": 0, "warning": 1, "blocked": 2}
@@ -50,14 +50,14 @@ def spend(account: Account | None, command: SpendQueried, plans: PlanLookup) -> 
                if same_period or block.dimension not in PERIOD_DIMENSIONS}
     period_scope = f"period:{period_start.isoformat()}"
 
-    limits = [_use(plan, "period_spend", None, period_scope, period_spend, block_key("period_spend", None) in blocked)]
+    limits = [_use(plan, "period_spend", None, period_scope, period_spend, "period_spend:" in blocked)]
     limits += [_use(plan, "model_tokens", model, period_scope, Decimal(model_tokens.get(model, 0)),
-                    block_key("model_tokens", model) in blocked) for model in sorted(plan.model_limits)]
+                    f"model_tokens:{model}" in blocked) for model in sorted(plan.model_limits)]
     sessions = []
     for session in sorted(account.sessions.values(), key=lambda s: (s.started_at, s.session_id)):
-        if session_ended(session, history, at):
-            continue
         version = history.versions[session.plan_version]
+        if session_expired(session.last_at, at, session_timeout(version)):
+            continue
         sessions.append(SessionSpend(session_id=session.session_id, started_at=session.started_at, spend=session.spend))
         limits.append(_use(version, "session_spend", None, session.scope, session.spend, False))
     used_limits = [use for use in limits if use is not None]

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 from typing import Any, Literal, Protocol
 
 import msgspec
 import yaml
 
-from ledger.money import MONEY_CONTEXT, money
+from ledger.money import MONEY_CONTEXT
 from ledger.plans import MODEL_NAME_LENGTH_MAX, PLAN_NAME_LENGTH_MAX, PLANS_PER_FILE_MAX, CostRate, Plan
 
 __all__ = [
@@ -155,29 +155,6 @@ def margin(tier: Tier) -> Margin:
         why = "paygo tiers have no budget" if tier.billing_mode == "paygo" else "spend_limit_cents 0 is unlimited"
         raise TierError(f"tier {tier.tier_code!r}: no fixed margin ({why}; cost varies with usage)")
     return margin_from(tier.price_usd, budget, tier.markup)
-
-
-def spend_limit_cents_for(budget_usd: Decimal) -> int:
-    """A budget as the tiers file's ``spend_limit_cents``: rounded down, so the margin stays at or above
-    what the budget was computed for (0 means under a cent, which the file would read as unlimited)."""
-    return int(budget_usd.scaleb(2).to_integral_value(rounding=ROUND_FLOOR))
-
-
-class Realised(msgspec.Struct, frozen=True, kw_only=True):
-    """What a tier earned over some billing periods, from the ledger's recorded cost."""
-
-    revenue_usd: Decimal  # price x periods
-    provider_cost_usd: Decimal  # cost / markup
-    profit_usd: Decimal  # revenue - cost
-
-
-def realised(tier: Tier, periods: int, cost_usd: Decimal) -> Realised:
-    """The realised margin: the ledger's ``cost`` already includes the markup (rounded once per event), so
-    profit = price x periods - cost, and the provider's share is cost / markup."""
-    with localcontext(MONEY_CONTEXT):
-        revenue = tier.price_usd * periods
-        return Realised(revenue_usd=revenue, provider_cost_usd=money(cost_usd / tier.markup),
-                        profit_usd=revenue - cost_usd)
 
 
 def target_budget(price_usd: Decimal | int | str, target_margin: Decimal | int | str,

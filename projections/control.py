@@ -10,6 +10,7 @@ from typing import Any
 
 import duckdb
 import msgspec
+import pyarrow as pa
 
 from ledger.control.store import ControlStore, Snapshot
 from projections.schema import CONTROL, PLAN_VERSIONS, TIERS, USERS
@@ -49,7 +50,10 @@ def sync_control(con: duckdb.DuckDBPyConnection, store: ControlStore) -> dict[st
         for table in CONTROL:
             con.execute(f"DELETE FROM {table.name}")
             if copied[table.name]:
-                table.insert_json(con, [_encoder.encode(r) for r in copied[table.name]])
+                con.register("control_rows", pa.table({"v": pa.array([_encoder.encode(r) for r in copied[table.name]],
+                                                                      pa.string())}))
+                con.execute(f"INSERT INTO {table.name} {table.from_json_sql('control_rows')}")
+                con.unregister("control_rows")
     except BaseException:
         con.execute("ROLLBACK")  # the connection may be a rebuild's, held for its next batches
         raise

@@ -21,6 +21,7 @@ from ledger.money import MONEY_CONTEXT
 from projections.reports import Report, render_table
 
 Format = Literal["table", "csv", "json", "parquet"]
+FORMATS: tuple[Format, ...] = ("table", "csv", "json", "parquet")
 DISPLAY_PLACES = 6
 
 
@@ -62,7 +63,7 @@ def to_csv(report: Report) -> str:
 
 
 def to_json(report: Report) -> str:
-    rows = [{c: (None if v is None else v if isinstance(v, bool | int) else _text(v))
+    rows = [{c: (None if v is None else v if isinstance(v, bool | int) and not isinstance(v, Decimal) else _text(v))
              for c, v in zip(report.columns, row, strict=True)} for row in report.rows]
     body: dict[str, Any] = {"title": report.title, "columns": list(report.columns), "rows": rows}
     if report.next_cursor is not None:

@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
@@ -26,9 +25,6 @@ from ledger.settings import Settings
 from projections.schema import ENTRIES, GATES, PROJECTED, REJECTIONS, Table, create_indexes, create_schema
 from streams.metrics import HealthServer, ProjectorMetrics
 from streams.topics import Topics, partitions_of
-
-if TYPE_CHECKING:
-    from ledger.control.store import ControlStore
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +82,6 @@ class Projector:
         self.tables: dict[str, Table] = dict(zip(self.sources, (ENTRIES, GATES, REJECTIONS), strict=True))
         self.bulk = bulk
         self.rows_written = 0
-        self._store: ControlStore | None = None
         self._values: dict[str, list[bytes]] = {topic: [] for topic in self.tables}
         self._offsets: dict[tuple[str, int], int] = {}
         # A bulk load owns its new file: one connection throughout, so no batch pays a checkpoint on close.
@@ -109,25 +104,16 @@ class Projector:
         from ledger.control.store import ControlStore
         from projections.control import sync_control
 
+        store = ControlStore(self.settings.control_url)
         try:
-            if self._store is None:  # one engine for the whole run, not one per copy
-                store = ControlStore(self.settings.control_url)
-                try:
-                    store.create_schema()
-                except Exception:
-                    store.dispose()
-                    raise
-                self._store = store
+            store.create_schema()
             with self._connection() as con:
-                copied = sync_control(con, self._store)
+                copied = sync_control(con, store)
             log.debug("control plane copied: %s", copied)
         except Exception:
             log.exception("copying the control plane into %s failed; history continues without it", self.path)
-
-    def _dispose_store(self) -> None:
-        if self._store is not None:
-            self._store.dispose()
-            self._store = None
+        finally:
+            store.dispose()
 
     def stored_offsets(self) -> dict[TopicPartition, int]:
         with self._connection() as con:
@@ -171,7 +157,6 @@ class Projector:
                     await self._seek_to_stored(consumer, partitions)
         finally:
             await consumer.stop()
-            self._dispose_store()
 
     async def _sample_health(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         lags = {}
@@ -219,6 +204,7 @@ class Projector:
             return True
         offset_table = pa.table({"topic": [t for t, _ in offsets], "partition": [p for _, p in offsets],
                                  "next_offset": list(offsets.values())})
+        insert = "INSERT INTO" if self.bulk else "INSERT OR IGNORE INTO"
         with self._connection() as con:
             # A rebuild replaces the file only while it holds the old file's lock, so with our
             # connection open the identity seen here is the file we are writing to.
@@ -227,7 +213,10 @@ class Projector:
             con.execute("BEGIN")
             for topic, table in self.tables.items():
                 if values[topic]:
-                    table.insert_json(con, values[topic], or_ignore=not self.bulk)
+                    # The records as JSON text; DuckDB parses them and casts money and times exactly.
+                    con.register("batch_rows", pa.table({"v": pa.array(values[topic], pa.string())}))
+                    con.execute(f"{insert} {table.name} {table.from_json_sql('batch_rows')}")
+                    con.unregister("batch_rows")
             con.register("batch_offsets", offset_table)
             con.execute("INSERT OR REPLACE INTO projector_offsets SELECT * FROM batch_offsets")
             con.execute("COMMIT")
@@ -250,7 +239,7 @@ class Projector:
                                            FROM {table.name}) WHERE n > 1)""")
                     con.execute(table.index_sql())
             create_indexes(con)
-            con.execute("CHECKPOINT")  # everything in the main file: no WAL travels with the rebuild's rename
+            con.execute("CHECKPOINT")
         self.close()
 
     def close(self) -> None:

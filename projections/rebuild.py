@@ -19,7 +19,6 @@ from aiokafka import TopicPartition
 
 from ledger.settings import Settings
 from projections.projector import Projector, connect
-from projections.schema import PROJECTED
 from streams.progress import end_offsets
 from streams.topics import Topics
 
@@ -71,9 +70,10 @@ def rebuild(settings: Settings, *, path: Path | None = None, progress: Progress 
     projector = _CountingProjector(settings, staging, progress, total)
     asyncio.run(projector.run(until_caught_up=True))
     projector.finish()
-    with connect(staging, read_only=True) as con:  # finish() checkpointed: reading leaves no WAL
-        counts = [con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]  # type: ignore[index]
-                  for table in PROJECTED]
+    with connect(staging) as con:
+        con.execute("CHECKPOINT")  # everything in the main file: no WAL travels with the rename
+        counts = [con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+                  for table in ("ledger_entries", "gate_events", "rejected_events")]
     swap_in(staging, live)
     if progress is not None:
         progress(projector.rows_written, max(total, projector.rows_written))

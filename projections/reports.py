@@ -11,14 +11,15 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
 
+from ledger.money import MONEY_CONTEXT, money
 from ledger.plans import Plan
-from ledger.tiers import Tier, margin, realised
+from ledger.tiers import Tier, margin
 
 
 @dataclass(frozen=True)
@@ -299,13 +300,15 @@ def tier_margins(con: duckdb.DuckDBPyConnection, tenant: str, tiers: Iterable[Ti
     rows = []
     for tier in sorted(tiers, key=lambda t: t.tier_code):
         periods, cost = spent.get(tier.tier_code, (0, Decimal(0)))
-        earned = realised(tier, periods, cost)
-        revenue, profit = earned.revenue_usd, earned.profit_usd
+        with localcontext(MONEY_CONTEXT):
+            revenue = tier.price_usd * periods
+            profit = revenue - cost
+            provider = money(cost / tier.markup)
         planned = None if tier.budget_usd is None else margin(tier)
         rows.append((
             tier.tier_code, tier.billing_mode, tier.price_usd, tier.budget_usd, periods,
             planned.profit_usd if planned else None, _pct(planned.margin) if planned else None,
-            revenue, earned.provider_cost_usd, cost, profit, _pct(profit / revenue) if revenue else None,
+            revenue, provider, cost, profit, _pct(profit / revenue) if revenue else None,
         ))
     return Report(f"Planned and realised margin per tier, periods starting {_span(start, end)}",
                   ("tier", "billing", "price", "budget", "periods", "planned_profit_per_period", "planned_margin_pct",

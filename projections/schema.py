@@ -7,11 +7,9 @@ primary key, so a rebuild can load a table without it and build the index once a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import duckdb
-import pyarrow as pa
 
 MONEY = "DECIMAL(38, 12)"
 TIME = "TIMESTAMPTZ"
@@ -37,16 +35,11 @@ class Table:
     def index_sql(self) -> str:
         return f"CREATE UNIQUE INDEX IF NOT EXISTS {self.name}_key ON {self.name} ({', '.join(self.key)});"
 
-    def insert_json(self, con: duckdb.DuckDBPyConnection, records: Sequence[bytes], *, or_ignore: bool = False) -> None:
-        """Insert JSON records, one row each: DuckDB parses them and casts money and times exactly."""
+    def from_json_sql(self, relation: str, column: str = "v") -> str:
+        """SELECT the table's columns from ``relation``'s JSON text column: DuckDB parses and casts, exactly."""
         struct = ", ".join(f'"{self.fields.get(name, name)}": "{kind}"' for name, kind, _ in self.columns)
         picks = ", ".join(f'j."{self.fields.get(name, name)}"' for name in self.column_names)
-        con.register("json_records", pa.table({"v": pa.array(records, pa.string())}))
-        try:
-            con.execute(f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO {self.name} "
-                        f"SELECT {picks} FROM (SELECT from_json(v, '{{{struct}}}') AS j FROM json_records)")
-        finally:
-            con.unregister("json_records")
+        return f"SELECT {picks} FROM (SELECT from_json({column}, '{{{struct}}}') AS j FROM {relation})"
 
 
 ENTRIES = Table("ledger_entries", (

@@ -27,7 +27,7 @@ from ledger.account import Account, PlanHistory, Result, decide
 from ledger.events import PlanAssigned, PlanPublished, UsageRecorded
 from ledger.money import add
 from ledger.plans import Plan, PlansConfig, build_plan, plan_id_for
-from ledger.tiers import Tier, realised
+from ledger.tiers import Tier
 
 UNKNOWN_TOOL = "(recorded tool calls)"
 PROGRESS_EVERY_USERS = 200
@@ -77,9 +77,8 @@ class WhatIf:
             for side, outcomes in (("actual", self.actual), ("proposed", self.proposed)):
                 o = outcomes.get(name, Outcome(name))
                 tier = self.tiers.get(name)
-                earned = realised(tier, len(o.user_periods), o.spend) if tier else None
-                revenue = earned.revenue_usd if earned else None
-                profit = earned.profit_usd if earned else None
+                revenue = tier.price_usd * len(o.user_periods) if tier else None
+                profit = revenue - o.spend if revenue is not None else None
                 out.append((name, side, len(o.users), len(o.user_periods), o.entries, len(o.soft_users),
                             len(o.hard_users), o.hard_blocks, o.refused, o.spend, revenue, profit))
         return out

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
-from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 from fastapi import HTTPException, Request
 
-from ledger.events import CheckAnswer, CheckRequested, SpendAnswer, SpendQueried
+from ledger.events import CheckRequested, SpendQueried
 
 ANSWER_TIMEOUT_S = 10.0
 A = TypeVar("A", bound=msgspec.Struct)
@@ -30,11 +28,3 @@ async def ask(request: Request, command: CheckRequested | SpendQueried, kind: ty
         raise HTTPException(504, f"the ledger did not answer within {ANSWER_TIMEOUT_S:.0f}s") from None
     finally:
         state.replies.forget(command.request_id)
-
-
-def public(answer: CheckAnswer | SpendAnswer) -> dict[str, Any]:
-    """An answer as the API shows it: without the fields that only route it back here."""
-    document: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(Decimal, datetime))
-    for internal in ("request_id", "tenant", "schema_version"):
-        document.pop(internal)
-    return document

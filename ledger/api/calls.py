@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.account import top_up_problem
-from ledger.api.ask import ask, public
+from ledger.api.ask import ask
 from ledger.api.auth import require
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
@@ -50,7 +50,10 @@ async def check(request: Request, who: Principal = Depends(require(Scope.ingest,
         session_id=body.session_id, input_tokens=body.input_tokens, output_tokens=body.output_tokens,
         reserve=body.reserve, ttl_seconds=body.ttl_seconds, occurred_at=datetime.now(UTC))
     answer = await ask(request, command, CheckAnswer)
-    return JSONResponse(public(answer), status_code=402 if answer.decision == "block" else 200)
+    document: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(Decimal,))
+    for internal in ("request_id", "tenant", "schema_version"):
+        document.pop(internal)
+    return JSONResponse(document, status_code=402 if answer.decision == "block" else 200)
 
 
 @router.post("/users/{user_id}/topups", openapi_extra=body_schema(TopUpBody), response_class=JSONResponse,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 from typing import Any
 
@@ -10,11 +11,10 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.api.auth import require
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
-from ledger.control import config as changes
 from ledger.control.config import plan_published
 from ledger.control.keys import Scope
 from ledger.control.store import Principal
-from ledger.plans import Plan, PlanError, PlanPatch, PlansConfig, revise
+from ledger.plans import Plan, PlanError, PlanPatch, PlansConfig, build_plan, revise
 
 router = APIRouter(prefix="/config/plans", tags=["plans"])
 
@@ -31,12 +31,23 @@ async def create_plans(request: Request, who: Principal = Depends(require(Scope.
     config = decode(await read_body(request), PlansConfig)
     state = request.app.state
     with state.store.session() as session:
-        try:
-            created, duplicates = await changes.create_plans(session, state.log, who.tenant_id, config)
-        except PlanError as exc:  # inside the session: nothing of this request is recorded
-            raise HTTPException(422, str(exc)) from None
-    return JSONResponse({"plans": [plan_document(p) for p in created],
-                         "duplicates": [{"name": p.name, "id": p.plan_id} for p in duplicates]},
+        existing = {p.name: p.plan_id for p in session.plans(who.tenant_id)}
+        created: list[Plan] = []
+        duplicates: list[dict[str, str]] = []
+        for spec in config.plans:
+            if spec.name in existing:
+                duplicates.append({"name": spec.name, "id": existing[spec.name]})
+                continue
+            try:
+                plan = build_plan(spec, config, plan_id=str(uuid.uuid4()), version=1)
+            except PlanError as exc:
+                raise HTTPException(422, str(exc)) from None
+            session.add_plan_version(who.tenant_id, plan)
+            existing[plan.name] = plan.plan_id
+            created.append(plan)
+        # The log first: if it refuses, nothing is recorded here either.
+        await state.log.publish([plan_published(who.tenant_id, p) for p in created])
+    return JSONResponse({"plans": [plan_document(p) for p in created], "duplicates": duplicates},
                         status_code=201 if created else 200)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
+import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from ledger.api.ask import ask, public
+from ledger.api.ask import ask
 from ledger.api.auth import require
 from ledger.api.wire import JSONResponse
 from ledger.control.keys import Scope
@@ -42,7 +44,10 @@ async def live_spend(user: str, request: Request, who: Principal = Depends(reade
                                              tenant=who.tenant_id, user=user, occurred_at=now), SpendAnswer)
     if answer.status == "no_plan":
         raise HTTPException(404, f"user {user} has no plan")
-    return JSONResponse(public(answer))
+    document: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(Decimal, datetime))
+    for internal in ("request_id", "tenant", "schema_version"):
+        document.pop(internal)
+    return JSONResponse(document)
 
 
 @router.get("/spend/{user}/history", response_class=JSONResponse,

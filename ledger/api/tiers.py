@@ -28,7 +28,9 @@ def tier_document(record: TierRecord) -> dict[str, Any]:
     if tier.budget_usd is None:
         doc["margin"] = None  # unlimited or pay-as-you-go: no fixed margin
     else:
-        doc["margin"] = msgspec.structs.asdict(display(margin(tier)))
+        shown = display(margin(tier))
+        doc["margin"] = {"price_usd": shown.price_usd, "budget_usd": shown.budget_usd, "cost_usd": shown.cost_usd,
+                         "profit_usd": shown.profit_usd, "margin_pct": shown.margin_pct}
     return doc
 
 

@@ -112,25 +112,20 @@ def report(ctx: click.Context, tenant: str) -> None:
     """Reports from the history file; without a subcommand, per-user spend and gate events."""
     if ctx.invoked_subcommand is not None:
         return
-    settings = _settings()
-    tenant_id = _tenant_id(settings, tenant)
-    with _history(settings) as con:
-        click.echo(format_report(con, tenant_id, tenant))
-
-
-def format_report(con, tenant: str, label: str | None = None) -> str:  # type: ignore[no-untyped-def]
     from ledger.money import format_usd
     from projections.reports import rejections_by_code, render_table, user_spend
 
-    rows = [[r.user, r.plan, str(r.calls), f"{r.input_tokens + r.output_tokens:,}", format_usd(r.spend),
-             r.soft_warnings or "-", r.hard_blocks or "-"] for r in user_spend(con, tenant)]
-    out = [f"Spend per user, tenant {label or tenant!r}", "",
-           render_table(["user", "plan", "calls", "tokens", "spend", "soft warnings", "hard blocks"], rows)]
-    rejected = rejections_by_code(con, tenant)
+    settings = _settings()
+    tenant_id = _tenant_id(settings, tenant)
+    with _history(settings) as con:
+        rows = [[r.user, r.plan, str(r.calls), f"{r.input_tokens + r.output_tokens:,}", format_usd(r.spend),
+                 r.soft_warnings or "-", r.hard_blocks or "-"] for r in user_spend(con, tenant_id)]
+        click.echo(f"Spend per user, tenant {tenant!r}\n")
+        click.echo(render_table(["user", "plan", "calls", "tokens", "spend", "soft warnings", "hard blocks"], rows))
+        rejected = rejections_by_code(con, tenant_id)
     if rejected:
-        out += ["", "Dead-lettered events", "",
-                render_table(["code", "count", "example reason"], [[c, str(n), r] for c, n, r in rejected])]
-    return "\n".join(out)
+        click.echo("\nDead-lettered events\n")
+        click.echo(render_table(["code", "count", "example reason"], [[c, str(n), r] for c, n, r in rejected]))
 
 
 @report.command("history")

@@ -249,7 +249,7 @@ def plans() -> None:
 @click.option("--tenant", required=True)
 def plans_publish(file: Path, tenant: str) -> None:
     """Publish version 1 of every plan in FILE to the usage log (idempotent)."""
-    from ledger.control.config import plan_published
+    from ledger.events import PlanPublished
     from ledger.plans import PlanError, parse_plans_config, plans_from_config
     from streams.publisher import UsagePublisher
 
@@ -257,7 +257,9 @@ def plans_publish(file: Path, tenant: str) -> None:
         loaded = plans_from_config(parse_plans_config(file.read_bytes()), tenant)
     except PlanError as exc:
         raise click.ClickException(str(exc)) from None
-    commands = [plan_published(tenant, p) for p in loaded]
+    now = datetime.now(UTC)
+    commands = [PlanPublished(event_id=f"plan-{p.plan_id}-v{p.version}", tenant=tenant, occurred_at=now, plan=p)
+                for p in loaded]
 
     async def go() -> None:
         async with UsagePublisher(_settings()) as publisher:
@@ -292,12 +294,26 @@ def assign(user: str, plan_id: str, tenant: str, start: datetime | None) -> None
     asyncio.run(go())
 
 
+def format_report(con, tenant: str, label: str | None = None) -> str:  # type: ignore[no-untyped-def]
+    from ledger.money import format_usd
+    from projections.reports import rejections_by_code, render_table, user_spend
+
+    rows = [[r.user, r.plan, str(r.calls), f"{r.input_tokens + r.output_tokens:,}", format_usd(r.spend),
+             r.soft_warnings or "-", r.hard_blocks or "-"] for r in user_spend(con, tenant)]
+    out = [f"Spend per user, tenant {label or tenant!r}", "",
+           render_table(["user", "plan", "calls", "tokens", "spend", "soft warnings", "hard blocks"], rows)]
+    rejected = rejections_by_code(con, tenant)
+    if rejected:
+        out += ["", "Dead-lettered events", "",
+                render_table(["code", "count", "example reason"], [[c, str(n), r] for c, n, r in rejected])]
+    return "\n".join(out)
+
+
 @cli.command()
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for processing.")
 def demo(timeout: float) -> None:
     """Configure plans and users through the API, publish usage, wait until processed, print the report."""
     from ledger.cli.demo import DEMO_TENANT, DemoApi, bad_records, demo_usage
-    from ledger.cli.history import format_report
     from projections.projector import connect
     from streams.progress import wait_caught_up
     from streams.publisher import UsagePublisher

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from pathlib import Path
 
 import click
@@ -18,7 +18,6 @@ from ledger.tiers import (
     margin,
     margin_from,
     parse_tiers_yaml,
-    spend_limit_cents_for,
     target_budget,
 )
 
@@ -85,7 +84,7 @@ def target_command(price: Decimal, target: Decimal, markup: Decimal) -> None:
         budget = target_budget(price, target, markup)
     except TierError as exc:
         raise click.UsageError(str(exc)) from None
-    cents = spend_limit_cents_for(budget)
+    cents = int(budget.scaleb(2).to_integral_value(rounding=ROUND_FLOOR))  # down: the margin stays >= target
     click.echo(f"price   {format_usd_cents(price)}")
     click.echo(f"margin  {format((target * 100).normalize(), 'f')}%")
     click.echo(f"budget  {format_usd_cents(budget)}")

@@ -16,7 +16,7 @@ from typing import Protocol
 from ledger.catalog import PriceCatalog
 from ledger.control.store import ControlSession
 from ledger.events import AnyCommand, PlanPublished
-from ledger.plans import Plan, PlansConfig, build_plan
+from ledger.plans import Plan
 from ledger.tiers import Tier, tier_to_plan
 
 
@@ -36,28 +36,6 @@ class TierRecord:
     id: str
     plan_id: str
     tier: Tier
-
-
-async def create_plans(session: ControlSession, log: CommandLog, tenant_id: str, config: PlansConfig
-                       ) -> tuple[list[Plan], list[Plan]]:
-    """Create the plans of a plans-guide config (version 1 each). Returns (created, duplicates by name).
-
-    A name that exists is a duplicate, never overwritten. Raises PlanError for a plan that does not validate.
-    """
-    existing = {p.name: p for p in session.plans(tenant_id)}
-    created: list[Plan] = []
-    duplicates: list[Plan] = []
-    for spec in config.plans:
-        if spec.name in existing:
-            duplicates.append(existing[spec.name])
-            continue
-        plan = build_plan(spec, config, plan_id=str(uuid.uuid4()), version=1)
-        session.add_plan_version(tenant_id, plan)
-        existing[plan.name] = plan
-        created.append(plan)
-    # The log first: if it refuses, nothing is recorded here either.
-    await log.publish([plan_published(tenant_id, p) for p in created])
-    return created, duplicates
 
 
 async def create_tiers(session: ControlSession, log: CommandLog, tenant_id: str, tiers: Sequence[Tier],

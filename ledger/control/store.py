@@ -40,10 +40,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from ledger.control.keys import ALL_SCOPES, Scope, digest, looks_like_key, matches, new_key, new_webhook_secret
-from ledger.events import EVENT_ID_LENGTH_MAX, NAME_LENGTH_MAX
 from ledger.plans import Plan
 from ledger.tiers import Tier
 
+NAME_LENGTH_MAX = 128
+EVENT_ID_LENGTH_MAX = 128
 # Ingested event ids remembered per tenant, to answer a retry `duplicate` (the processor dedups regardless).
 INGESTED_IDS_PER_TENANT_MAX = 100_000
 WEBHOOK_URL_LENGTH_MAX = 2048

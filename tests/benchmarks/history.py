@@ -31,7 +31,7 @@ from aiokafka import TopicPartition
 
 from ledger.settings import Settings
 from projections.projector import BATCH_RECORDS_MAX, Projector, connect
-from projections.reports import open_history, spend_by_day_and_model, user_history
+from projections.reports import spend_by_day_and_model, user_history
 
 TENANT = "bench"
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "claude-haiku-4-5")
@@ -154,7 +154,8 @@ def main() -> None:
     user = f"u{args.users // 2 + 42:06d}"
     figures = {}
     for name, path in (("projected", projected), ("bare", bare)):
-        with open_history(path) as con:
+        with connect(path, read_only=True) as con:
+            con.execute("SET TimeZone = 'UTC'")
             figures[name] = (
                 latency_ms(lambda con=con: spend_by_day_and_model(con, TENANT, **everything)),
                 latency_ms(lambda con=con: user_history(con, TENANT, user, by="day", limit=100, **month)),

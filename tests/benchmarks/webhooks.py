@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ledger.control.store import ControlStore, DeliveryState
 from ledger.events import GateEvent
@@ -33,7 +34,7 @@ from ledger_sdk.webhooks import sign, verify
 from streams.codecs import encode
 from streams.topics import Topics, ensure_topics
 from streams.webhooks import IN_FLIGHT_MAX
-from tests.conftest import ROOT, delete_namespaces, new_settings
+from tests.conftest import ROOT, new_settings
 
 WAIT_S_MAX = 600.0
 SINGLE_EVENTS = 20
@@ -133,6 +134,17 @@ def delivery_states(store: ControlStore, tenant_id: str) -> set[DeliveryState]:
         return {d.state for w in session.webhooks(tenant_id) for d in session.deliveries(tenant_id, w.id, 1000)}
 
 
+async def delete_topics(settings: Settings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        ours = [t for t in await admin.list_topics() if t.startswith((f"{settings.namespace}.", f"{settings.namespace}-"))]
+        if ours:
+            await admin.delete_topics(ours)
+    finally:
+        await admin.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=500)
@@ -191,7 +203,7 @@ def main() -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         receiver.server.shutdown()
-        delete_namespaces(settings.bootstrap, {settings.namespace})
+        asyncio.run(delete_topics(settings))
         store.dispose()
     qs = statistics.quantiles(latencies, n=100)
     print(f"{args.events} gate events x {args.endpoints} endpoints = {total} deliveries, every one verified "

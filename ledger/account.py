@@ -9,6 +9,8 @@ spend, so a crash can never record an id without its spend or the reverse.
 For speed the fold updates the account it is given once every check has
 passed: callers store ``decision.account`` and must not keep the old value.
 A rejected, duplicate or conflicting command leaves the account untouched.
+A caller that must keep the old value until the new one is durable (the
+processor) folds a :func:`clone`.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class PlanHistory(msgspec.Struct, kw_only=True, tag="plan_history"):
     tenant: str
     plan_id: str
     versions: dict[int, Plan] = {}
+    # The log position this value reflects (see Account.applied_to).
+    applied_to: int = 0
 
     @property
     def newest(self) -> Plan:
@@ -140,6 +144,25 @@ class Account(msgspec.Struct, kw_only=True, tag="account"):
     reservations: dict[str, Reservation] = {}
     # period start (ISO) -> totals of the last CLOSED_PERIODS_KEPT periods, oldest first.
     closed: dict[str, ClosedPeriod] = {}
+    # The offset, in its partition of the usage log, after the last record folded into this value.
+    # The fold never reads it; the processor stamps it, so that a record read again after a crash
+    # is recognised by its offset (offset < applied_to: already in this value), however old it is.
+    applied_to: int = 0
+
+
+def clone(account: Account) -> Account:
+    """A copy that the fold may update without touching ``account`` (every mutable part is copied)."""
+    return msgspec.structs.replace(
+        account,
+        period_tokens=dict(account.period_tokens),
+        crossed=list(account.crossed),
+        sessions={sid: msgspec.structs.replace(s, crossed=list(s.crossed)) for sid, s in account.sessions.items()},
+        seen=dict(account.seen),
+        blocks=dict(account.blocks),
+        reservations=dict(account.reservations),
+        closed={k: ClosedPeriod(spend=c.spend, tokens=dict(c.tokens), crossed=list(c.crossed))
+                for k, c in account.closed.items()},
+    )
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaConsumer
 from faust.stores.memory import Store as MemoryStore
 from faust.tables.table import Table
 from prometheus_client import CollectorRegistry
@@ -24,8 +28,9 @@ from ledger.events import ClockTicked
 from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode
 from streams.metrics import HealthServer, WorkerMetrics
-from streams.processor import Record, UsageProcessor, partition_of
+from streams.processor import ALREADY_APPLIED, Batch, Record, UsageProcessor
 from streams.publisher import CLOCK_KEY
+from streams.state import Position, partition_of, position_key
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,13 @@ PROGRESS_LOG_EVERY_S = 10.0
 SESSION_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 1.0
 HEALTH_SAMPLE_S = 1.0
+# Faust's periodic commits are left for revocations only: the processor commits its durable position.
+FAUST_COMMIT_INTERVAL_S = 3600.0
+FAUST_COMMIT_EVERY = 1_000_000_000
+CATCH_UP_S = 1.0  # how often durable positions are committed and an idle partition's tail is checked
+CATCH_UP_IDLE_S = 2.0  # no delivery for this long while the log has more: fetch it ourselves
+COMMIT_TIMEOUT_S = 5.0
+REFETCH_POLL_MS = 500
 
 
 class StandbyMemoryStore(MemoryStore):
@@ -132,50 +144,35 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         # is gone; 60 s (Faust's default) made every failover wait that long.
         broker_session_timeout=SESSION_TIMEOUT_S,
         broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
+        # The processor commits the durable position itself (see Ledger.commit); Faust's own commits
+        # of acknowledged offsets would run ahead of it, and are only left for revocations.
+        broker_commit_interval=FAUST_COMMIT_INTERVAL_S,
+        broker_commit_every=FAUST_COMMIT_EVERY,
     )
     usage = app.topic(topics.usage, key_serializer="raw", value_serializer="raw",
                       partitions=settings.partitions)
     table = app.tables.add(PartitionedTable(
         app=app, name="accounts", partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIGS,
     ))
-    processor = UsageProcessor(topics, table.get,
+    processor = UsageProcessor(topics, lambda key: table.data.get(key),
                                lambda prefix: ((k, v) for k, v in table.data.items() if k.startswith(prefix)))
-    changelog = table.changelog_topic.get_topic_name()
-    totals: Counter[str] = Counter()
-    next_offsets: dict[int, int] = {}  # per usage partition: the offset after the last record processed
+    ledger = PartitionLedger(app, settings, usage.get_topic_name(), table, processor, metrics, FaultHooks.from_env())
 
     @app.agent(usage, name="ledger-processor")
     async def process_usage(stream: faust.StreamT) -> None:
-        last_log = time.monotonic()
-        state_sends: list[asyncio.Future[Any]] = []
         async for events in stream.take_events(BATCH_EVENTS_MAX, within=BATCH_WITHIN_S):
-            started = time.perf_counter()
-            _raise_failed(state_sends)
-            batch = processor.run(
-                Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
-                for e in events
-            )
-            # Outputs are durable before the state that says they happened: a
-            # crash in between repeats them under the same ids, never loses them.
-            outputs = await _send(app, ((topic, key, value, None) for topic, key, value in batch.outputs))
-            await asyncio.gather(*outputs)
-            # The state need not be awaited here: Faust flushes the producer
-            # before it commits the offsets of these events.
-            state_sends = await _send(app, ((changelog, encode(key), encode(value), partition_of(key))
-                                            for key, value in batch.writes.items()))
-            if isinstance(table.data, StandbyMemoryStore):
-                for fut in state_sends:
-                    fut.add_done_callback(_note_written(table.data))
-            for key, value in batch.writes.items():
-                table.data[key] = value
-            next_offsets.update(batch.next_offsets)
-            totals.update(batch.results)
-            metrics.count(batch.results, batch.dead_letters, batch.gates)
-            metrics.batch_events.observe(len(events))
-            metrics.batch_seconds.observe(time.perf_counter() - started)
-            if time.monotonic() - last_log > PROGRESS_LOG_EVERY_S:
-                last_log = time.monotonic()
-                log.info("processed so far: %s", dict(totals))
+            records = [Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
+                       for e in events]
+            await ledger.guarded(ledger.apply(records))
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+        ledger.forget({tp.partition for tp in revoked if tp.topic == usage.get_topic_name()})
+
+    @app.timer(CATCH_UP_S)
+    async def catch_up() -> None:
+        """Apply records that Faust has not delivered although they are in the log, and commit durable positions."""
+        await ledger.guarded(ledger.catch_up())
 
     @app.timer(HEALTH_SAMPLE_S)
     async def sample_health() -> None:
@@ -187,18 +184,16 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
             metrics.health.beat(False, f"health sample failed: {type(exc).__name__}")
 
     def _sample_health() -> None:
-        usage_topic = usage.get_topic_name()
-        assigned = {tp.partition: tp for tp in app.consumer.assignment() if tp.topic == usage_topic}
-        for gone in next_offsets.keys() - assigned.keys():  # a partition that comes back starts afresh
-            del next_offsets[gone]
-        lags = {}
+        assigned = ledger.assigned()
+        durable, pending = {}, {}
         for p, tp in assigned.items():
             end = app.consumer.highwater(tp)
-            if end is not None and p in next_offsets:
-                lags[(usage_topic, p)] = end - next_offsets[p]
-        metrics.lag.set(lags)
-        recovery = app.tables.recovery
-        if not recovery.completed.is_set() or recovery.in_recovery:
+            if end is not None and p in ledger.durable:
+                durable[(tp.topic, p)] = end - ledger.durable[p]
+                pending[(tp.topic, p)] = end - ledger.expected.get(p, ledger.durable[p])
+        metrics.lag.set(durable)
+        metrics.pending.set(pending)
+        if not ledger.recovered():
             metrics.health.beat(False, "restoring the account table")
         elif app.rebalancing:
             metrics.health.beat(False, "rebalancing")
@@ -217,11 +212,248 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
     return app
 
 
+@dataclass(frozen=True)
+class FaultHooks:
+    """Faults a test can inject through the environment (never set in production).
+
+    ``LEDGER_TEST_DROP_RECORDS="p:offset,..."``: the first delivery of these records is ignored, as
+    Faust's consumer has been seen to drop a record; the processor must notice the hole.
+    ``LEDGER_TEST_FAIL_BATCH=N``: the N-th batch with outputs raises after sending half of them.
+    """
+
+    drop: frozenset[tuple[int, int]] = frozenset()
+    fail_batch: int = 0
+
+    @classmethod
+    def from_env(cls) -> FaultHooks:
+        drop = os.environ.get("LEDGER_TEST_DROP_RECORDS", "")
+        pairs = (item.split(":") for item in drop.split(",") if item)
+        return cls(drop=frozenset((int(p), int(o)) for p, o in pairs),
+                   fail_batch=int(os.environ.get("LEDGER_TEST_FAIL_BATCH", "0")))
+
+
+class PartitionLedger:
+    """Applies usage-log records to the table in offset order, and owns each partition's position.
+
+    The position of a partition (the next offset to apply) is stored in the
+    table, in the partition's changelog, after the outputs and state of every
+    record before it are durable. Applying resumes there, whatever offset Faust
+    delivers from: a record below it is skipped, a record past it means a hole,
+    and the missing records are fetched again and applied first. Committed
+    offsets only bound what a restart reads again; they follow the durable
+    position. Any failure stops the worker (the next owner re-reads the batch),
+    never just the batch.
+    """
+
+    def __init__(self, app: faust.App, settings: Settings, topic: str, table: Table, processor: UsageProcessor,
+                 metrics: WorkerMetrics, hooks: FaultHooks) -> None:
+        self.app, self.settings, self.topic, self.table = app, settings, topic, table
+        self.processor, self.metrics, self.hooks = processor, metrics, hooks
+        self.changelog = table.changelog_topic.get_topic_name()
+        self.expected: dict[int, int] = {}  # next offset to apply, per owned partition (memory)
+        self.durable: dict[int, int] = {}  # next offset whose position the changelog has acknowledged
+        self.committed: dict[int, int] = {}  # what this worker last committed to the group
+        self._revocations = 0  # a batch that saw one start is not stored: its partitions may be someone else's
+        self._lock = asyncio.Lock()  # the agent and the catch-up timer apply records one batch at a time
+        self._dropped: set[tuple[int, int]] = set()
+        self._batches_with_outputs = 0
+        self._last_delivery = time.monotonic()
+        self._refetcher: AIOKafkaConsumer | None = None
+        self._totals: Counter[str] = Counter()
+        self._last_log = time.monotonic()
+
+    async def guarded(self, work: Awaitable[None]) -> None:
+        """Run ``work``; any exception stops the worker (exit 70) instead of dropping or acking a batch."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.critical("processing failed; stopping the worker so that the batch is read again", exc_info=True)
+            _exit_now(70)
+
+    def assigned(self) -> dict[int, Any]:
+        return {tp.partition: tp for tp in self.app.consumer.assignment() if tp.topic == self.topic}
+
+    def recovered(self) -> bool:
+        recovery = self.app.tables.recovery
+        return recovery.completed.is_set() and not recovery.in_recovery
+
+    def forget(self, partitions: set[int]) -> None:
+        """Revoked partitions start from their stored position if they ever come back."""
+        self._revocations += 1
+        for p in partitions:
+            for owned in (self.expected, self.durable, self.committed):
+                owned.pop(p, None)
+
+    def _start(self, p: int) -> int:
+        if p not in self.expected:
+            stored = self.table.data.get(position_key(p))
+            self.expected[p] = self.durable[p] = stored.next_offset if isinstance(stored, Position) else 0
+        return self.expected[p]
+
+    async def apply(self, delivered: list[Record]) -> None:
+        self._last_delivery = time.monotonic()
+        async with self._lock:
+            await self._apply(self._drop_injected(delivered))
+
+    async def catch_up(self) -> None:
+        """Records the log has past the position while Faust delivers nothing (a hole at the end) are fetched."""
+        if not self.recovered() or self.app.rebalancing or self._lock.locked():
+            return
+        async with self._lock:
+            if time.monotonic() - self._last_delivery > CATCH_UP_IDLE_S:
+                for p, tp in self.assigned().items():
+                    end = self.app.consumer.highwater(tp)
+                    if end is not None and end > self._start(p):
+                        log.warning("partition %s: the log ends at %s but nothing past %s was delivered; "
+                                    "fetching it", p, end, self.expected[p])
+                        self.metrics.holes.inc()
+                        await self._apply(await self._refetch(p, self.expected[p], end))
+            await self._commit(self.durable)
+
+    def _drop_injected(self, records: list[Record]) -> list[Record]:
+        if not self.hooks.drop:
+            return records
+        kept = []
+        for r in records:
+            if (r.partition, r.offset) in self.hooks.drop and (r.partition, r.offset) not in self._dropped:
+                self._dropped.add((r.partition, r.offset))
+                log.warning("test hook: dropping %s@%s as Faust might", r.partition, r.offset)
+                continue
+            kept.append(r)
+        return kept
+
+    async def _apply(self, delivered: list[Record]) -> None:
+        started = time.perf_counter()
+        revocations = self._revocations
+        positions: dict[int, int] = {}
+        records: list[Record] = []
+        for r in delivered:
+            p = r.partition
+            at = positions.get(p, self._start(p))
+            if r.offset < at:
+                self._totals[ALREADY_APPLIED] += 1
+                self.metrics.processed.labels(ALREADY_APPLIED).inc()
+                continue
+            if r.offset > at:
+                log.warning("partition %s: delivered offset %s, but the position is %s: fetching the hole", p,
+                            r.offset, at)
+                self.metrics.holes.inc()
+                records += await self._refetch(p, at, r.offset)
+            records.append(r)
+            positions[p] = r.offset + 1
+        if not records:
+            return
+        batch = self.processor.run(records)
+        # Outputs are durable before the state and position that say they happened: a
+        # crash in between repeats them under the same ids, never loses them.
+        await self._send_outputs(batch)
+        # The commit is a fence: the group refuses it from a worker that no longer owns the partition
+        # (a paused worker coming back), and then this batch's state must not reach the changelog.
+        if revocations != self._revocations or not await self._commit(
+                {p: self.durable.get(p, 0) for p in batch.next_offsets}, fence=True) or revocations != self._revocations:
+            self.metrics.fence_refused.inc()
+            log.warning("the group refused this worker's commit: dropping the state of a batch of %s records",
+                        len(records))
+            return
+        await self._write_state(batch)
+        self.expected.update(batch.next_offsets)
+        self._count(batch, len(records), time.perf_counter() - started)
+
+    async def _send_outputs(self, batch: Batch) -> None:
+        outputs = batch.outputs
+        failing = False
+        if outputs and self.hooks.fail_batch:
+            self._batches_with_outputs += 1
+            failing = self._batches_with_outputs == self.hooks.fail_batch
+        if failing:
+            outputs = outputs[: len(outputs) // 2]
+        await asyncio.gather(*await _send(self.app, ((topic, key, value, None) for topic, key, value in outputs)))
+        if failing:
+            raise RuntimeError("test hook: an output send failed mid-batch")
+
+    async def _write_state(self, batch: Batch) -> None:
+        """Send the batch's state then its positions (one producer, so in this order per partition); not awaited.
+
+        A failed write stops the worker. Until then the next batch may run: its
+        outputs are sent before its own state, so nothing it says happened is lost.
+        """
+        for key, value in batch.state_in_write_order():
+            p = partition_of(key)
+            fut = await self.app.producer.send(self.changelog, encode(key), encode(value), p, None, None)
+            self.table.data[key] = value
+            if isinstance(value, Position):
+                fut.add_done_callback(self._position_written(value))
+            elif isinstance(self.table.data, StandbyMemoryStore):
+                fut.add_done_callback(_note_written(self.table.data))
+            else:
+                fut.add_done_callback(_fail_on_error)
+
+    def _position_written(self, position: Position) -> Callable[[asyncio.Future[Any]], None]:
+        def done(fut: asyncio.Future[Any]) -> None:
+            _fail_on_error(fut)
+            p = position.partition
+            if p in self.expected:  # still ours
+                self.durable[p] = max(self.durable.get(p, 0), position.next_offset)
+            if isinstance(self.table.data, StandbyMemoryStore):
+                _note_written(self.table.data)(fut)
+        return done
+
+    async def _commit(self, offsets: dict[int, int], fence: bool = False) -> bool:
+        """Commit positions to the group (bounding what a restart re-reads); False if the group refused."""
+        assigned = self.assigned()
+        if fence and any(p not in assigned for p in offsets):
+            return False
+        todo = {assigned[p]: o for p, o in offsets.items() if p in assigned and (fence or self.committed.get(p) != o)}
+        if not todo:
+            return True
+        try:
+            ok = await asyncio.wait_for(self.app.consumer._commit(todo), COMMIT_TIMEOUT_S)
+        except TimeoutError:  # a rebalance holds the consumer: the next batch or tick commits again
+            ok = False
+        if ok:
+            self.committed.update({tp.partition: o for tp, o in todo.items()})
+        return bool(ok)
+
+    async def _refetch(self, p: int, start: int, end: int) -> list[Record]:
+        """The records of partition ``p`` in [start, end) as the log has them now (markers leave no record)."""
+        from aiokafka import TopicPartition
+
+        if self._refetcher is None:
+            self._refetcher = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=None,
+                                               enable_auto_commit=False, auto_offset_reset="earliest")
+            await self._refetcher.start()
+        tp = TopicPartition(self.topic, p)
+        self._refetcher.assign([tp])
+        self._refetcher.seek(tp, start)
+        found: list[Record] = []
+        while await self._refetcher.position(tp) < end:
+            batch = await self._refetcher.getmany(tp, timeout_ms=REFETCH_POLL_MS)
+            for m in batch.get(tp, []):
+                if m.offset < end:
+                    found.append(Record(m.topic, m.partition, m.offset, m.key, m.value))
+            if not batch and (await self._refetcher.end_offsets([tp]))[tp] < end:
+                raise RuntimeError(f"partition {p}: offsets up to {end} were delivered but the log ends before")
+        self.metrics.refetched.inc(len(found))
+        log.warning("partition %s: fetched %s record(s) of offsets %s..%s again", p, len(found), start, end - 1)
+        return found
+
+    def _count(self, batch: Batch, records: int, seconds: float) -> None:
+        self._totals.update(batch.results)
+        self.metrics.count(batch.results, batch.dead_letters, batch.gates)
+        self.metrics.batch_events.observe(records)
+        self.metrics.batch_seconds.observe(seconds)
+        if time.monotonic() - self._last_log > PROGRESS_LOG_EVERY_S:
+            self._last_log = time.monotonic()
+            log.info("processed so far: %s", dict(self._totals))
+
+
 async def _send(app: faust.App, messages: Iterable[tuple[str, bytes | None, bytes, int | None]]
                 ) -> list[asyncio.Future[Any]]:
     """Hand messages to the producer; the futures resolve when the broker has each.
 
-    Table values are written to the changelog here rather than through
+    Table values are written to the changelog by the processor rather than through
     ``table[key] = value``: Faust's send-soon buffer sends one message per
     event-loop turn and throttled the processor to a third of this rate.
     """
@@ -231,17 +463,27 @@ async def _send(app: faust.App, messages: Iterable[tuple[str, bytes | None, byte
 
 def _note_written(store: StandbyMemoryStore) -> Callable[[asyncio.Future[Any]], None]:
     def done(fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            metadata = fut.result()
-            store.written(metadata.partition, metadata.offset)
+        _fail_on_error(fut)
+        metadata = fut.result()
+        store.written(metadata.partition, metadata.offset)
     return done
 
 
-def _raise_failed(sends: list[asyncio.Future[Any]]) -> None:
-    """Crash the agent (and so the worker) if a state write failed: never run ahead of the changelog."""
-    for fut in sends:
-        if fut.done() and not fut.cancelled() and fut.exception() is not None:
-            raise RuntimeError("writing the account changelog failed") from fut.exception()
+def _fail_on_error(fut: asyncio.Future[Any]) -> None:
+    """A state write that failed stops the worker: the changelog must never fall behind what was acted on."""
+    if fut.cancelled() or fut.exception() is not None:
+        log.critical("writing the account changelog failed: %r; stopping the worker",
+                     None if fut.cancelled() else fut.exception())
+        _exit_now(70)
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once: no Faust shutdown (which would ack and commit), no finally blocks."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_worker(settings: Settings, worker_id: str = "0", loglevel: str = "info") -> None:

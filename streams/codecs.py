@@ -9,11 +9,12 @@ from faust.serializers import codecs
 
 from ledger.account import Account, PlanHistory
 from ledger.events import AnyCommand
+from streams.state import Position
 
 STATE_CODEC = "ledger_state"
 
 _command_decoder = msgspec.json.Decoder(AnyCommand)
-_state_decoder = msgspec.json.Decoder(Account | PlanHistory)
+_state_decoder = msgspec.json.Decoder(Account | PlanHistory | Position)
 _encoder = msgspec.json.Encoder()
 
 encode = _encoder.encode

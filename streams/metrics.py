@@ -67,7 +67,8 @@ class WorkerMetrics:
         self.registry = registry
         self.health = Health()
         self.processed = Counter("ledger_events_processed", "Usage-log records processed, by result "
-                                 "(ok, duplicate, conflict, rejected; a clock tick counts as ok)",
+                                 "(ok, duplicate, conflict, rejected; a clock tick counts as ok; already_applied: read "
+                                 "again after a restart, found by its offset)",
                                  ["result"], registry=registry)
         self.dead_lettered = Counter("ledger_dead_lettered", "Records sent to the dead-letter topic, by code",
                                      ["code"], registry=registry)
@@ -78,10 +79,19 @@ class WorkerMetrics:
                                        buckets=BATCH_SECONDS_BUCKETS)
         self.batch_events = Histogram("ledger_batch_events", "Records per batch", registry=registry,
                                       buckets=BATCH_EVENTS_BUCKETS)
-        self.lag = LagGauge(Gauge("ledger_consumer_lag", "Usage-log records not yet processed, per assigned partition",
-                                  ["topic", "partition"], registry=registry))
+        self.lag = LagGauge(Gauge("ledger_consumer_lag", "Usage-log records past the durable position (stored with "
+                                  "the state, after the outputs): what a restart would read again, per assigned "
+                                  "partition", ["topic", "partition"], registry=registry))
+        self.pending = LagGauge(Gauge("ledger_consumer_pending", "Usage-log records not yet applied in memory, per "
+                                      "assigned partition", ["topic", "partition"], registry=registry))
+        self.holes = Counter("ledger_offset_holes", "Times the records delivered skipped offsets past the position; "
+                             "the missing offsets were fetched again and applied in order", registry=registry)
+        self.refetched = Counter("ledger_offsets_refetched", "Records fetched again to fill a hole", registry=registry)
+        self.fence_refused = Counter("ledger_fence_refused", "Batches whose state was dropped because the group "
+                                     "refused this worker's commit (it no longer owned the partition)",
+                                     registry=registry)
         # Pre-create the result labels so a scrape shows zeros rather than nothing.
-        for result in ("ok", "duplicate", "conflict", "rejected"):
+        for result in ("ok", "duplicate", "conflict", "rejected", "already_applied"):
             self.processed.labels(result)
 
     def count(self, results: Mapping[str, int], dead_letters: Mapping[str, int], gates: Mapping[str, int]) -> None:

@@ -4,6 +4,17 @@ the domain core, and collect what to emit and what to store.
 It holds no Kafka or Faust objects, so it runs the same in the agent and in
 tests. Ordering per user comes from the partition; dedup and conflicts are the
 core's (``ledger.account.decide``).
+
+Two rules make a batch safe to apply again after a crash:
+
+- The live state is never changed here. The fold works on copies
+  (``ledger.account.clone``); the caller stores ``Batch.writes`` once the
+  batch's outputs are durable, or drops them.
+- Every stored value is stamped with the offset after the last record of its
+  partition in the batch (``applied_to``). A record whose offset is below the
+  stamp of the value it would change is already in that value, and its outputs
+  were durable before the value was written: it is skipped (``already_applied``),
+  however many records ago it was. Dedup by event id is for client retries.
 """
 
 from __future__ import annotations
@@ -17,14 +28,21 @@ from typing import Any
 
 import msgspec
 
-from ledger.account import Account, Decision, PlanHistory, Result, decide
+from ledger.account import Account, Decision, PlanHistory, Result, clone, decide
 from ledger.events import ClockTicked, PlanPublished, Rejection, user_key
 from streams.codecs import decode_command, encode
+from streams.state import Position, account_key, partition_of, plan_key, position_key
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
 
-StateValue = Account | PlanHistory
+StateValue = Account | PlanHistory | Position
+# Every record the processor writes (output or state) stays under this, below the broker's default
+# message.max.bytes (1,048,588) and the producer's max_request_size (1,048,576) with room for key and headers.
+RECORD_BYTES_MAX = 1_000_000
+# A dead letter quotes the rejected record; past this it quotes the start and says so.
+DEAD_LETTER_PAYLOAD_CHARS_MAX = 64 * 1024
+ALREADY_APPLIED = "already_applied"
 
 
 @dataclass(frozen=True)
@@ -44,26 +62,24 @@ class Batch:
 
     outputs: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
     writes: dict[str, StateValue] = field(default_factory=dict)
-    # One result per usage-log record: ok, duplicate, conflict or rejected (a tick is ok).
+    # One result per usage-log record: ok, duplicate, conflict, rejected (a tick is ok), or
+    # already_applied (read again after a crash: its effects and outputs are durable already).
     results: Counter[str] = field(default_factory=Counter)
     dead_letters: Counter[str] = field(default_factory=Counter)  # by rejection code
     gates: Counter[str] = field(default_factory=Counter)  # by gate kind
     # The offset after the last record of each partition in the batch.
     next_offsets: dict[int, int] = field(default_factory=dict)
 
+    def state_in_write_order(self) -> list[tuple[str, StateValue]]:
+        """Accounts, then plan histories, then positions.
 
-def account_key(partition: int, tenant: str, user: str) -> str:
-    # The partition is part of every table key: it names the changelog partition
-    # the value lives in, so state stays with the partition that owns the user.
-    return f"{partition}:a:{user_key(tenant, user)}"
-
-
-def plan_key(partition: int, tenant: str, plan_id: str) -> str:
-    return f"{partition}:p:{tenant}/{plan_id}"
-
-
-def partition_of(table_key: str) -> int:
-    return int(table_key.split(":", 1)[0])
+        A crash may leave any prefix of these in the changelog. Accounts read plan
+        histories (never the reverse), so a history is only ever newer than the
+        accounts restored beside it if every account of the batch is stored too,
+        and re-applying the batch's records then changes no account.
+        """
+        rank = {"a": 0, "p": 1, "pos": 2}
+        return sorted(self.writes.items(), key=lambda kv: rank[kv[0].split(":", 2)[1]])
 
 
 class UsageProcessor:
@@ -74,15 +90,29 @@ class UsageProcessor:
         self._scan_state = scan_state
 
     def run(self, records: Iterable[Record]) -> Batch:
+        """Fold records (each partition's in offset order, without gaps) into a batch; live state is not touched."""
         batch = Batch()
         for record in records:
-            batch.results[self._apply(record, batch).value] += 1
             batch.next_offsets[record.partition] = record.offset + 1
+            result = self._apply(record, batch)
+            batch.results[result if isinstance(result, str) else result.value] += 1
+        for key, value in batch.writes.items():
+            if not isinstance(value, Position):
+                value.applied_to = batch.next_offsets[partition_of(key)]
+        for p, next_offset in batch.next_offsets.items():
+            batch.writes[position_key(p)] = Position(partition=p, next_offset=next_offset)
         return batch
 
-    def _apply(self, record: Record, batch: Batch) -> Result:
+    def read(self, batch: Batch, key: str) -> Any:
+        """A value as this batch sees it: its own write, else a copy of the stored value that the fold may change."""
+        if key in batch.writes:
+            return batch.writes[key]
+        value = self._read_state(key)
+        return clone(value) if isinstance(value, Account) else value  # plan histories are replaced, never changed
+
+    def _apply(self, record: Record, batch: Batch) -> Result | str:
         def read(key: str) -> Any:
-            return batch.writes[key] if key in batch.writes else self._read_state(key)
+            return self.read(batch, key)
 
         try:
             command = decode_command(record.value or b"")
@@ -91,7 +121,7 @@ class UsageProcessor:
             return Result.rejected
         p = record.partition
         if isinstance(command, ClockTicked):
-            self._tick(command, p, batch, read)
+            self._tick(command, record.offset, p, batch, read)
             return Result.ok
         if not isinstance(command, PlanPublished):
             expected = user_key(command.tenant, command.user).encode()
@@ -100,23 +130,36 @@ class UsageProcessor:
                              f"record key {record.key!r} must be {expected!r} (tenant/user) so that "
                              "one user's events share one partition", command)
                 return Result.rejected
-        akey = None if isinstance(command, PlanPublished) else account_key(p, command.tenant, command.user)
+        if isinstance(command, PlanPublished):
+            akey, stored = None, read(plan_key(p, command.tenant, command.plan.plan_id))
+        else:
+            akey = account_key(p, command.tenant, command.user)
+            stored = read(akey)
+        if stored is not None and record.offset < stored.applied_to:
+            return ALREADY_APPLIED
         try:
-            decision = decide(read(akey) if akey else None, command,
+            decision = decide(stored if akey else None, command,
                               lambda tenant, plan_id: read(plan_key(p, tenant, plan_id)))
         except Exception as exc:  # a bug in the core must not stall the stream or lose the event
             log.exception("core failed on %s:%s@%s", record.topic, p, record.offset)
             self._reject(batch, record, "internal_error", f"internal error: {type(exc).__name__}", command)
             return Result.rejected
+        if decision.plan_history is not None and len(encode(decision.plan_history)) > RECORD_BYTES_MAX:
+            # Stored, it would pass the changelog's message limit and stop the partition: refuse it alone.
+            self._reject(batch, record, "too_large", f"plan {decision.plan_history.plan_id} with this version would "
+                         f"be stored as more than {RECORD_BYTES_MAX} bytes; publish a smaller plan", command)
+            return Result.rejected
         self._collect(decision, record, command, akey, batch)
         return decision.result
 
-    def _tick(self, tick: ClockTicked, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:
-        """A clock tick applies to every account of its partition."""
+    def _tick(self, tick: ClockTicked, offset: int, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:
+        """A clock tick applies to every account of its partition (that does not already hold it)."""
         prefix = f"{partition}:a:"
         keys = {key for key, _ in self._scan_state(prefix)} | {k for k in batch.writes if k.startswith(prefix)}
         for akey in sorted(keys):  # sorted: the same outputs in the same order on every replay
             account = read(akey)
+            if offset < account.applied_to:
+                continue
             decision = decide(account, tick, lambda tenant, plan_id: read(plan_key(partition, tenant, plan_id)))
             self._collect(decision, None, tick, akey, batch)
 
@@ -146,6 +189,8 @@ class UsageProcessor:
             payload, encoding = raw.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
             payload, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+        if len(payload) > DEAD_LETTER_PAYLOAD_CHARS_MAX:  # its source offset still finds the whole record
+            payload, reason = payload[:DEAD_LETTER_PAYLOAD_CHARS_MAX], f"{reason} (payload truncated)"
         rejection = Rejection(
             rejection_id=f"{record.topic}:{record.partition}:{record.offset}",
             code=code, reason=reason,

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from ledger.events import ClockTicked
 from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode
+from streams.faust_consumer import RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
 from streams.processor import ALREADY_APPLIED, Batch, Record, UsageProcessor
 from streams.publisher import CLOCK_KEY
@@ -53,7 +54,7 @@ HEALTH_SAMPLE_S = 1.0
 FAUST_COMMIT_INTERVAL_S = 3600.0
 FAUST_COMMIT_EVERY = 1_000_000_000
 CATCH_UP_S = 1.0  # how often durable positions are committed and an idle partition's tail is checked
-CATCH_UP_IDLE_S = 2.0  # no delivery for this long while the log has more: fetch it ourselves
+CATCH_UP_IDLE_S = 5.0  # no delivery for this long while the log has more: fetch it ourselves
 COMMIT_TIMEOUT_S = 5.0
 REFETCH_POLL_MS = 500
 
@@ -149,6 +150,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         broker_commit_interval=FAUST_COMMIT_INTERVAL_S,
         broker_commit_every=FAUST_COMMIT_EVERY,
     )
+    app.transport.Consumer = RewindingConsumer  # faust's, with its dropped-message bug fixed
     usage = app.topic(topics.usage, key_serializer="raw", value_serializer="raw",
                       partitions=settings.partitions)
     table = app.tables.add(PartitionedTable(
@@ -309,7 +311,8 @@ class PartitionLedger:
                         log.warning("partition %s: the log ends at %s but nothing past %s was delivered; "
                                     "fetching it", p, end, self.expected[p])
                         self.metrics.holes.inc()
-                        await self._apply(await self._refetch(p, self.expected[p], end))
+                        start = self.expected[p]
+                        await self._apply(await self._refetch(p, start, min(end, start + BATCH_EVENTS_MAX)))
             await self._commit(self.durable)
 
     def _drop_injected(self, records: list[Record]) -> list[Record]:

@@ -125,6 +125,19 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its sockets and state but runs nothing (a long GC pause, a frozen VM)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def wait_exit(self, timeout_s: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

@@ -21,7 +21,7 @@ from ledger.account import Account
 from ledger.events import AnyCommand, GateEvent, LedgerEntry, UsageRecorded
 from ledger.settings import Settings
 from projections.projector import connect
-from streams.progress import end_offsets
+from streams.progress import end_offsets, processor_lag
 from streams.topics import Topics
 from tests.factories import T0, assigned, published, seed_plans, usage
 from tests.kafka_io import read_all, read_partitions
@@ -73,8 +73,14 @@ def wait_for_entries(settings: Settings, count: float, healthy: Callable[[], Non
         time.sleep(PROGRESS_POLL_S)
 
 
-def audit(settings: Settings, users: dict[str, str], events: list[UsageRecorded]) -> dict[str, Any]:
-    """Assert that table, topics and history equal the oracle; return how many outputs were repeated."""
+def audit(settings: Settings, users: dict[str, str], events: list[UsageRecorded],
+          dimensions: set[str] | None = None) -> dict[str, Any]:
+    """Assert that table, topics and history equal the oracle; return how many outputs were repeated.
+
+    ``dimensions``: the gate dimensions the workload must have crossed (default: the standard workload's).
+    """
+    # Committed offsets are the bound of what a restart reads again: once everything is processed, none.
+    assert asyncio.run(processor_lag(settings)) == 0, "the group's committed offsets trail the log"
     topics = Topics.for_namespace(settings.namespace)
     oracle = {u: UserOracle(plan) for u, plan in users.items()}
     for e in events:
@@ -106,7 +112,7 @@ def audit(settings: Settings, users: dict[str, str], events: list[UsageRecorded]
     distinct = [msgspec.json.decode(next(iter(v)), type=GateEvent) for v in gates_by_id.values()]
     assert sorted((g.user, g.kind, g.dimension, g.model, g.cause_event_id) for g in distinct) == sorted(
         (u, kind, dim, model, cause) for u, o in oracle.items() for (kind, dim, model), cause in o.crossings.items())
-    assert {g.dimension for g in distinct} == {"model_tokens", "session_spend"}
+    assert {g.dimension for g in distinct} == (dimensions or {"model_tokens", "session_spend"})
 
     with connect(settings.history_path, read_only=True) as con:
         assert con.execute("SELECT count(*), count(DISTINCT event_id) FROM ledger_entries").fetchone() == (

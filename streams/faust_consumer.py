@@ -1,0 +1,96 @@
+"""Faust's Kafka consumer with its dropped-message bug fixed at the source.
+
+faust-streaming 0.15.3's ``Consumer._drain_messages`` hands each fetched message
+to the streams with ``wait_first(callback(message), suspend_flow.wait())`` and
+then records its offset as read, whichever of the two finished. When flow is
+suspended (a rebalance begins) while a message waits for room in a stream's
+buffer, the delivery is cancelled and the message is never seen by the agent,
+never acknowledged, and never fetched again: the processor lost it, and the
+group's commits stalled at the hole. Here an undelivered message is not marked
+read; its partition is rewound to it, so the next fetch delivers it again (if the
+partition is still ours), and the rest of that partition's fetched messages wait
+for that fetch.
+
+The body is faust's own loop with that one change (mind it on upgrades). The
+processor's position check (``streams.app.PartitionLedger``) still catches any
+hole that gets through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers.aiokafka import Consumer
+from mode import Service, ServiceT
+
+log = logging.getLogger(__name__)
+
+
+class RewindingConsumer(Consumer):
+    async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover (run by the real worker)
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = cast(Service, self)._stopped.is_set
+        fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
+
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+
+        yield_every = 100
+        num_since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                ait = cast(Any, getmany(timeout=1.0))
+                await self.sleep(0)
+                if not self.should_stop:
+                    rewound: set[Any] = set()  # partitions whose rest of this fetch is read again
+                    async for tp, message in ait:
+                        num_since_yield += 1
+                        if num_since_yield > yield_every:
+                            await asyncio.sleep(0)
+                            num_since_yield = 0
+                        if tp in rewound:
+                            continue
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                                await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None and self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                            delivery = asyncio.ensure_future(callback(message))
+                            await self.wait_first(delivery, self.suspend_flow.wait())
+                            if delivery.done() and not delivery.cancelled():
+                                delivery.result()
+                                set_read_offset(tp, offset)
+                            else:
+                                rewound.add(tp)
+                                await self._rewind(tp, offset)
+                    unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
+    async def _rewind(self, tp: Any, offset: int) -> None:
+        log.info("flow suspended before %s@%s reached the streams: fetching it again", tp, offset)
+        try:
+            await self.seek(tp, offset)
+        except Exception as exc:  # no longer assigned: its next owner starts from its own position
+            log.info("not rewinding %s (%r)", tp, exc)

@@ -42,6 +42,7 @@ StateValue = Account | PlanHistory | Position
 RECORD_BYTES_MAX = 1_000_000
 # A dead letter quotes the rejected record; past this it quotes the start and says so.
 DEAD_LETTER_PAYLOAD_CHARS_MAX = 64 * 1024
+DEAD_LETTER_KEY_BYTES_MAX = 1024
 ALREADY_APPLIED = "already_applied"
 
 
@@ -94,7 +95,12 @@ class UsageProcessor:
         batch = Batch()
         for record in records:
             batch.next_offsets[record.partition] = record.offset + 1
-            result = self._apply(record, batch)
+            try:
+                result = self._apply(record, batch)
+            except Exception as exc:  # a poison record must not stop the partition: it alone is set aside
+                log.exception("processing failed on %s:%s@%s", record.topic, record.partition, record.offset)
+                self._reject(batch, record, "internal_error", f"internal error: {type(exc).__name__}")
+                result = Result.rejected
             batch.results[result if isinstance(result, str) else result.value] += 1
         for key, value in batch.writes.items():
             if not isinstance(value, Position):
@@ -149,7 +155,8 @@ class UsageProcessor:
             self._reject(batch, record, "too_large", f"plan {decision.plan_history.plan_id} with this version would "
                          f"be stored as more than {RECORD_BYTES_MAX} bytes; publish a smaller plan", command)
             return Result.rejected
-        self._collect(decision, record, command, akey, batch)
+        if not self._collect(decision, record, command, akey, batch):
+            return Result.rejected
         return decision.result
 
     def _tick(self, tick: ClockTicked, offset: int, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:
@@ -163,25 +170,34 @@ class UsageProcessor:
             decision = decide(account, tick, lambda tenant, plan_id: read(plan_key(partition, tenant, plan_id)))
             self._collect(decision, None, tick, akey, batch)
 
-    def _collect(self, decision: Decision, record: Record | None, command: Any, akey: str | None, batch: Batch) -> None:
+    def _collect(self, decision: Decision, record: Record | None, command: Any, akey: str | None, batch: Batch) -> bool:
+        """Add a decision's outputs and state to the batch, all or nothing; False if it was dead-lettered instead."""
         if decision.result in (Result.rejected, Result.conflict):
             assert record is not None
             self._reject(batch, record, decision.code, decision.reason, command)
-            return
+            return False
+        outputs = []
+        if decision.entry is not None:
+            entry = decision.entry
+            outputs.append((self.topics.entries, user_key(entry.tenant, entry.user).encode(), encode(entry)))
+        for gate in decision.gates:
+            outputs.append((self.topics.gates, user_key(gate.tenant, gate.user).encode(), encode(gate)))
+        if decision.reply is not None:
+            outputs.append((self.topics.replies, decision.reply.request_id.encode(), encode(decision.reply)))
+        if record is not None and any(len(key) + len(value) > RECORD_BYTES_MAX for _topic, key, value in outputs):
+            self._reject(batch, record, "too_large", f"an output of this command would pass {RECORD_BYTES_MAX} "
+                         "bytes; it is not applied", command)
+            return False
         if decision.account is not None and akey is not None:
             batch.writes[akey] = decision.account
         if decision.plan_history is not None:
             assert record is not None
             history = decision.plan_history
             batch.writes[plan_key(record.partition, history.tenant, history.plan_id)] = history
-        if decision.entry is not None:
-            entry = decision.entry
-            batch.outputs.append((self.topics.entries, user_key(entry.tenant, entry.user).encode(), encode(entry)))
         for gate in decision.gates:
             batch.gates[gate.kind] += 1
-            batch.outputs.append((self.topics.gates, user_key(gate.tenant, gate.user).encode(), encode(gate)))
-        if decision.reply is not None:
-            batch.outputs.append((self.topics.replies, decision.reply.request_id.encode(), encode(decision.reply)))
+        batch.outputs += outputs
+        return True
 
     def _reject(self, batch: Batch, record: Record, code: str, reason: str, command: Any = None) -> None:
         raw = record.value or b""
@@ -191,14 +207,15 @@ class UsageProcessor:
             payload, encoding = base64.b64encode(raw).decode("ascii"), "base64"
         if len(payload) > DEAD_LETTER_PAYLOAD_CHARS_MAX:  # its source offset still finds the whole record
             payload, reason = payload[:DEAD_LETTER_PAYLOAD_CHARS_MAX], f"{reason} (payload truncated)"
+        key = record.key[:DEAD_LETTER_KEY_BYTES_MAX] if record.key is not None else None
         rejection = Rejection(
             rejection_id=f"{record.topic}:{record.partition}:{record.offset}",
             code=code, reason=reason,
-            key=record.key.decode("utf-8", "replace") if record.key is not None else None,
+            key=key.decode("utf-8", "replace") if key is not None else None,
             payload=payload, payload_encoding=encoding,
             source_topic=record.topic, source_partition=record.partition, source_offset=record.offset,
             tenant=getattr(command, "tenant", None), user=getattr(command, "user", None),
             event_id=getattr(command, "event_id", None),
         )
         batch.dead_letters[code] += 1
-        batch.outputs.append((self.topics.rejected, record.key, encode(rejection)))
+        batch.outputs.append((self.topics.rejected, key, encode(rejection)))

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LEDGER := $(BIN)/ledger
 
-.PHONY: install broker demo example test test-unit test-integration bench check down clean
+.PHONY: install broker demo example test test-unit test-integration bench soak check down clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ bench: broker
 	$(BIN)/python -m tests.benchmarks.checks
 	$(BIN)/python -m tests.benchmarks.history
 	$(BIN)/python -m tests.benchmarks.webhooks
+
+# The crash-exact repro and the fault matrix looped SOAK_RUNS times (default 10; about 12 min a run).
+SOAK_RUNS ?= 10
+soak: broker
+	$(BIN)/python -m tests.reliability.soak --runs $(SOAK_RUNS)
 
 check: install
 	$(BIN)/ruff check ledger ledger_sdk streams projections tests examples

@@ -33,7 +33,7 @@ async def end_offsets(settings: Settings, names: tuple[str, ...]) -> dict[TopicP
 
 
 async def processor_lag(settings: Settings) -> int:
-    """Usage-log records not yet committed by the processor's consumer group."""
+    """Usage-log records past the processor's committed offsets, which follow its durable position (within ~1 s)."""
     topics = Topics.for_namespace(settings.namespace)
     ends = await end_offsets(settings, (topics.usage,))
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)

@@ -164,9 +164,11 @@ def status() -> None:
     from streams.progress import processor_lag, projector_lag
 
     settings = _settings()
+    click.echo(f"namespace {settings.namespace} on {settings.bootstrap}, home {settings.home}")
     for name, pid in stack.running(settings).items():
         click.echo(f"{name:<12} pid {pid}")
-    click.echo(f"processor lag: {asyncio.run(processor_lag(settings))} records")
+    # The processor commits its durable position (stored with its state), so this is what a restart re-reads.
+    click.echo(f"processor lag: {asyncio.run(processor_lag(settings))} records past the durable position")
     click.echo(f"projector lag: {asyncio.run(projector_lag(settings, settings.history_path))} records")
 
 

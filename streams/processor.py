@@ -155,8 +155,8 @@ class UsageProcessor:
             self._reject(batch, record, "too_large", f"plan {decision.plan_history.plan_id} with this version would "
                          f"be stored as more than {RECORD_BYTES_MAX} bytes; publish a smaller plan", command)
             return Result.rejected
-        if not self._collect(decision, record, command, akey, batch):
-            return Result.rejected
+        if not self._collect(decision, record, command, akey, batch) and decision.result is Result.ok:
+            return Result.rejected  # too large to emit
         return decision.result
 
     def _tick(self, tick: ClockTicked, offset: int, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:

@@ -110,7 +110,8 @@ def test_worker_and_projector_count_what_was_published(settings, worker_factory)
     rejected = len(not_json) + len(wrong_key) + len(not_allowed) + len(no_plan)
     processed = by_label(worker_samples, "ledger_events_processed_total", "result")
     assert processed == {"ok": records - len(duplicates) - len(conflicts) - rejected,
-                         "duplicate": len(duplicates), "conflict": len(conflicts), "rejected": rejected}
+                         "duplicate": len(duplicates), "conflict": len(conflicts), "rejected": rejected,
+                         "already_applied": 0}
     assert by_label(worker_samples, "ledger_dead_lettered_total", "code") == dead_letters
     assert Counter(r.code for r in rejections(settings)) == dead_letters
     raised = Counter(g.kind for g in gates(settings))

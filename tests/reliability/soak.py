@@ -40,13 +40,16 @@ from tests.conftest import ROOT, WorkerProcess, delete_namespaces, new_settings
 from tests.kafka_io import publish, read_all, read_partitions
 
 REPRO_USERS, REPRO_EVENTS = 2000, 100_000
-REPRO_KILL_AFTER_S, REPRO_WAIT_S = 9, 45
+REPRO_KILL_AFTER_S, REPRO_WAIT_S = 9, 300  # the issue waited 45 s; a loaded machine needs longer to finish
 PYTEST_SCENARIOS = ("tests/reliability/test_crash.py", "tests/reliability/test_faults.py",
                     "tests/reliability/test_rebalance.py")
 
 
 def repro(bootstrap: str, home: Path) -> tuple[int, int, int]:
-    """(events without an entry, accounts whose spend is off, committed lag) after one kill -9 and a restart."""
+    """(events without an entry, accounts whose spend is off, committed lag) after one kill -9 and a restart.
+
+    Counted once the committed lag is 0 (or after REPRO_WAIT_S): a record still unprocessed is not lost.
+    """
     settings = new_settings(bootstrap, home)
     asyncio.run(ensure_topics(settings))
     try:

@@ -597,7 +597,7 @@ class ControlSession:
     def create_webhook(self, tenant_id: str, url: str, description: str = "") -> tuple[Webhook, str]:
         """A new endpoint and its signing secret (returned here only)."""
         count = self.db.scalar(select(func.count()).select_from(WebhookRow).where(WebhookRow.tenant_id == tenant_id))
-        if (count or 0) >= WEBHOOKS_PER_TENANT_MAX:
+        if (count or 0) >= quotas.WEBHOOKS_PER_TENANT.value:
             raise LimitExceeded(quotas.WEBHOOKS_PER_TENANT, "; delete one first")
         secret = new_webhook_secret()
         row = WebhookRow(tenant_id=tenant_id, url=url, description=description, secret=secret, enabled=True,

@@ -79,6 +79,8 @@ class Relay:
     async def flush(self) -> bool:
         """Publish everything in the outbox, oldest first. False if another process holds the lease."""
         async with self._lock:
+            if not await asyncio.to_thread(self.store.transact, lambda s: s.outbox(1)):
+                return True  # nothing to publish: no need to write the lease
             if not await asyncio.to_thread(self.store.transact, self._take_lease):
                 return False
             try:

@@ -18,8 +18,14 @@ DEFAULT_HARD_GATE_AT = Decimal("1.00")
 DEFAULT_SESSION_TIMEOUT_MINUTES = Decimal("30")
 GATE_RATIO_MAX = Decimal("10")
 PLAN_NAME_LENGTH_MAX = 64
-MODEL_NAME_LENGTH_MAX = 128
-PLANS_PER_FILE_MAX = 1000
+# Bounds on a plan's shape (docs/limits.md): each plan version is written to every partition of the
+# usage log, which keeps it forever, and the processor holds it in its state. Each bound's name is the
+# lower-case constant name, which the error message carries.
+MODEL_NAME_LENGTH_MAX = 128  # = the longest model name a usage event can carry
+TOOL_NAME_LENGTH_MAX = 128
+PLAN_MAP_ENTRIES_MAX = 256  # entries of each map: cost_rates, model_limits, tool_costs
+PLAN_DOCUMENT_BYTES_MAX = 64 * 1024  # one version as JSON, as the log carries it
+PLANS_PER_FILE_MAX = 50  # plans per request or file (each is one record per partition)
 # Bounds that keep every price computable in 38 digits (a plan at 1e999999 priced nothing).
 AMOUNT_MAX = Decimal(1_000_000_000)
 MARKUP_MAX = Decimal(100)
@@ -28,7 +34,9 @@ PLAN_NAMESPACE = uuid.UUID("6b0f7c1e-8a55-4d55-9a43-2f1d4a8f0c11")
 # msgspec cannot bound a Decimal; _check_amounts does, naming the field.
 NonNegative = Decimal
 Ratio = Decimal
-ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MODEL_NAME_LENGTH_MAX)]
+# Lengths are checked by build_plan, so the answer names the bound.
+ModelName = Annotated[str, msgspec.Meta(min_length=1)]
+ToolName = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class CostRate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -83,7 +91,7 @@ class PlanSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model_limits: dict[ModelName, ModelLimit] = {}
     cost_rates: dict[ModelName, CostRate] = {}
     default_cost_rate: CostRate | None = None
-    tool_costs: dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], NonNegative] = {}
+    tool_costs: dict[ToolName, NonNegative] = {}
     soft_gate_at: Ratio | None = None
     hard_gate_at: Ratio | None = None
     session_timeout_minutes: Decimal = DEFAULT_SESSION_TIMEOUT_MINUTES
@@ -97,7 +105,7 @@ class PlanSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class PlansConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The plans guide's request body: global gate thresholds and the plans."""
 
-    plans: Annotated[list[PlanSpec], msgspec.Meta(max_length=PLANS_PER_FILE_MAX)]
+    plans: list[PlanSpec]  # at most PLANS_PER_FILE_MAX: check_plan_count names the bound
     soft_gate_at: Ratio = DEFAULT_SOFT_GATE_AT
     hard_gate_at: Ratio = DEFAULT_HARD_GATE_AT
 
@@ -113,11 +121,41 @@ def plan_id_for(tenant: str, name: str) -> str:
 
 def parse_plans_config(raw: bytes | str) -> PlansConfig:
     try:
-        return msgspec.json.decode(raw, type=PlansConfig)
+        config = msgspec.json.decode(raw, type=PlansConfig)
     except msgspec.ValidationError as exc:
         raise PlanError(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise PlanError(f"not valid JSON: {exc}") from None
+    check_plan_count(config)
+    return config
+
+
+def check_plan_count(config: PlansConfig) -> None:
+    if len(config.plans) > PLANS_PER_FILE_MAX:
+        raise PlanError(f"plans: plans_per_file_max: at most {PLANS_PER_FILE_MAX} plans per request or file, "
+                        f"got {len(config.plans)}")
+
+
+def check_plan_shape(plan: Plan) -> None:
+    """The bounds on a plan version's maps, names and size; PlanError names the bound that is passed."""
+    where = f"plan {plan.name!r}"
+    maps: list[tuple[str, dict[str, object], int, str]] = [
+        ("cost_rates", dict(plan.cost_rates), MODEL_NAME_LENGTH_MAX, "model_name_length_max"),
+        ("model_limits", dict(plan.model_limits), MODEL_NAME_LENGTH_MAX, "model_name_length_max"),
+        ("tool_costs", dict(plan.tool_costs), TOOL_NAME_LENGTH_MAX, "tool_name_length_max"),
+    ]
+    for field, entries, length_max, length_bound in maps:
+        if len(entries) > PLAN_MAP_ENTRIES_MAX:
+            raise PlanError(f"{where}: {field}: plan_map_entries_max: at most {PLAN_MAP_ENTRIES_MAX} entries, "
+                            f"got {len(entries)}")
+        long = next((name for name in entries if len(name) > length_max), None)
+        if long is not None:
+            raise PlanError(f"{where}: {field}: {length_bound}: a name is at most {length_max} characters, "
+                            f"got {len(long)} ({long[:32]!r}...)")
+    size = len(msgspec.json.encode(plan))
+    if size > PLAN_DOCUMENT_BYTES_MAX:
+        raise PlanError(f"{where}: plan_document_bytes_max: a plan version is at most {PLAN_DOCUMENT_BYTES_MAX} "
+                        f"bytes as JSON, this one is {size}")
 
 
 def build_plan(spec: PlanSpec, config: PlansConfig, *, plan_id: str, version: int) -> Plan:
@@ -135,7 +173,9 @@ def build_plan(spec: PlanSpec, config: PlansConfig, *, plan_id: str, version: in
             )
     fields = msgspec.structs.asdict(spec)
     fields.update(soft_gate_at=soft, hard_gate_at=hard)
-    return Plan(plan_id=plan_id, version=version, **fields)
+    plan = Plan(plan_id=plan_id, version=version, **fields)
+    check_plan_shape(plan)
+    return plan
 
 
 def _check_amounts(spec: PlanSpec, config: PlansConfig) -> None:
@@ -166,6 +206,7 @@ def _check_amounts(spec: PlanSpec, config: PlansConfig) -> None:
 
 def plans_from_config(config: PlansConfig, tenant: str) -> list[Plan]:
     """Version 1 of every plan in a plans-guide config, with deterministic ids."""
+    check_plan_count(config)
     names = [spec.name for spec in config.plans]
     if len(set(names)) != len(names):
         raise PlanError("plan names must be unique within one config")
@@ -183,8 +224,7 @@ class PlanPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model_limits: dict[ModelName, ModelLimit] | msgspec.UnsetType = msgspec.UNSET
     cost_rates: dict[ModelName, CostRate] | msgspec.UnsetType = msgspec.UNSET
     default_cost_rate: CostRate | None | msgspec.UnsetType = msgspec.UNSET
-    tool_costs: dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)], NonNegative] | msgspec.UnsetType = (
-        msgspec.UNSET)
+    tool_costs: dict[ToolName, NonNegative] | msgspec.UnsetType = msgspec.UNSET
     soft_gate_at: Ratio | msgspec.UnsetType = msgspec.UNSET
     hard_gate_at: Ratio | msgspec.UnsetType = msgspec.UNSET
     session_timeout_minutes: Decimal | msgspec.UnsetType = msgspec.UNSET

@@ -13,6 +13,7 @@ STANDBY_REPLICAS_MAX = 8
 PORT_MAX = 65535
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 WEBHOOK_RETRY_FIRST_S_MAX = 3600
+RATE_SETTING_MAX = 1_000_000
 
 
 class SettingsError(ValueError):
@@ -45,6 +46,10 @@ class Settings:
     # The worker's or projector's /metrics, /healthz and /readyz (0: no server). The API serves them on its own port.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # Requests per API key: this many per second on average, bursts of this many (docs/limits.md). A tenant's
+    # own values (`ledger tenants rate`) win. Generous by default: the benchmarks drive one key at 200/s.
+    rate_per_key_per_s: int = 250
+    rate_burst: int = 500
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -59,6 +64,10 @@ class Settings:
         for name, port in (("LEDGER_API_PORT", self.api_port), ("LEDGER_METRICS_PORT", self.metrics_port)):
             if not 0 <= port <= PORT_MAX:
                 raise SettingsError(f"{name} must be between 0 and {PORT_MAX}, got {port}")
+        for name, value in (("LEDGER_RATE_PER_KEY_PER_S", self.rate_per_key_per_s),
+                            ("LEDGER_RATE_BURST", self.rate_burst)):
+            if not 1 <= value <= RATE_SETTING_MAX:
+                raise SettingsError(f"{name} must be between 1 and {RATE_SETTING_MAX}, got {value}")
         if not 0 <= self.standby_replicas <= STANDBY_REPLICAS_MAX:
             raise SettingsError(f"LEDGER_STANDBY_REPLICAS must be between 0 and {STANDBY_REPLICAS_MAX}, "
                                 f"got {self.standby_replicas}")
@@ -84,6 +93,8 @@ class Settings:
             standby_replicas=_int(env, "LEDGER_STANDBY_REPLICAS", 1),
             metrics_port=_int(env, "LEDGER_METRICS_PORT", 0),
             metrics_host=env.get("LEDGER_METRICS_HOST", "127.0.0.1"),
+            rate_per_key_per_s=_int(env, "LEDGER_RATE_PER_KEY_PER_S", 250),
+            rate_burst=_int(env, "LEDGER_RATE_BURST", 500),
         )
 
     @property

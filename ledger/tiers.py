@@ -256,7 +256,7 @@ def parse_tiers_yaml(text: str) -> list[Tier]:
             continue
         raw.extend(document if isinstance(document, list) else [document])
     if len(raw) > TIERS_PER_FILE_MAX:
-        raise TierError(f"more than {TIERS_PER_FILE_MAX} tiers in one file")
+        raise TierError(f"tiers_per_file_max: at most {TIERS_PER_FILE_MAX} tiers in one request or file, got {len(raw)}")
     tiers = [parse_tier(item, where=f"tier #{index}") for index, item in enumerate(raw, start=1)]
     codes = [tier.tier_code for tier in tiers]
     duplicates = sorted({code for code in codes if codes.count(code) > 1})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,9 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
 from ledger.api import calls, gates, health, plans, spend, tiers, usage, users, webhooks
+from ledger.api.ratelimit import TokenBuckets
 from ledger.api.wire import install_openapi
 from ledger.catalog import load_catalog
 from ledger.control.config import CommandLog
+from ledger.control.outbox import Relay
 from ledger.control.store import ControlStore
 from ledger.settings import Settings
 
@@ -36,14 +40,26 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
         app.state.replies = replies
         try:
             if command_log is not None:
-                app.state.log = command_log
-                yield
+                async with _relaying(app, command_log):
+                    yield
             else:
-                async with UsagePublisher(settings) as publisher:
-                    app.state.log = publisher
+                async with UsagePublisher(settings) as publisher, _relaying(app, publisher):
                     yield
         finally:
             await replies.stop()
+
+    @asynccontextmanager
+    async def _relaying(app: FastAPI, log_: CommandLog) -> AsyncIterator[None]:
+        # The outbox relay: publishes what changes recorded, and repairs what a crash left (see outbox.py).
+        app.state.log = log_
+        app.state.relay = Relay(store, log_)
+        relaying = asyncio.create_task(app.state.relay.run())
+        try:
+            yield
+        finally:
+            relaying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relaying
 
     app = FastAPI(title="usage-ledger", version="1", lifespan=lifespan,
                   description="Priced LLM usage, gate events and spend history per end user.")
@@ -51,6 +67,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
     app.state.settings = settings
     app.state.catalog = load_catalog(overrides=settings.price_overrides)
     app.state.gate_streams = gates.StreamSlots()
+    app.state.rate_limits = TokenBuckets()
     for router in (calls.router, gates.router, plans.router, spend.router, tiers.router, usage.router, users.router,
                    webhooks.router):
         app.include_router(router, prefix="/api/v1")

@@ -27,6 +27,13 @@ async def principal(request: Request, credentials: HTTPAuthorizationCredentials 
         found = session.authenticate(credentials.credentials)
     if found is None:
         raise _unauthorized("unknown or revoked API key")
+    settings = request.app.state.settings
+    rate = found.requests_per_s or settings.rate_per_key_per_s
+    burst = found.burst or settings.rate_burst
+    wait_s = request.app.state.rate_limits.take(found.key_id, rate, burst)
+    if wait_s is not None:
+        raise HTTPException(429, f"rate_per_key: this key may make {rate} requests per second "
+                                 f"(bursts of {burst}); retry in {wait_s} s", headers={"Retry-After": str(wait_s)})
     return found
 
 

@@ -13,9 +13,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from ledger.account import top_up_problem
 from ledger.api.ask import ask
 from ledger.api.auth import require
+from ledger.api.db import published, unit_of_work
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
-from ledger.control.store import Principal
+from ledger.control.outbox import enqueue
+from ledger.control.store import ControlSession, Principal, User
 from ledger.events import DEFAULT_SESSION, CheckAnswer, CheckRequested, EventId, Name, Tokens, ToppedUp
 
 router = APIRouter(tags=["calls"])
@@ -63,11 +65,17 @@ async def top_up(user_id: str, request: Request, who: Principal = Depends(requir
     problem = top_up_problem(body.amount)
     if problem is not None:  # the processor would refuse it too; say so now, with a 422
         raise HTTPException(422, f"amount: {problem}")
-    with request.app.state.store.session() as session:
-        user = session.user(who.tenant_id, user_id)
-    if user is None:
-        raise HTTPException(404, f"no user {user_id}")
     event_id = str(uuid.uuid4())
-    await request.app.state.log.publish([ToppedUp(event_id=event_id, tenant=who.tenant_id, user=user.external_id,
-                                                  amount=body.amount, occurred_at=datetime.now(UTC))])
+
+    def record(session: ControlSession) -> tuple[User, list[int]]:
+        # Through the outbox, so a top-up is never published ahead of an assignment recorded before it.
+        user = session.user(who.tenant_id, user_id)
+        if user is None:
+            raise HTTPException(404, f"no user {user_id}")
+        return user, enqueue(session, who.tenant_id, [ToppedUp(
+            event_id=event_id, tenant=who.tenant_id, user=user.external_id, amount=body.amount,
+            occurred_at=datetime.now(UTC))])
+
+    user, seqs = await unit_of_work(request, record)
+    await published(request, seqs)
     return JSONResponse({"event_id": event_id, "user": user.id, "amount": body.amount}, status_code=202)

@@ -10,11 +10,13 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.api.auth import require
+from ledger.api.db import published, unit_of_work
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.config import plan_published
 from ledger.control.keys import Scope
-from ledger.control.store import Principal
-from ledger.plans import Plan, PlanError, PlanPatch, PlansConfig, build_plan, revise
+from ledger.control.outbox import enqueue
+from ledger.control.store import ControlSession, Principal
+from ledger.plans import Plan, PlanError, PlanPatch, PlansConfig, build_plan, check_plan_count, revise
 
 router = APIRouter(prefix="/config/plans", tags=["plans"])
 
@@ -29,8 +31,13 @@ def plan_document(plan: Plan) -> dict[str, Any]:
              summary="Create plans (names that exist are skipped and listed under duplicates)")
 async def create_plans(request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
     config = decode(await read_body(request), PlansConfig)
-    state = request.app.state
-    with state.store.session() as session:
+    try:
+        check_plan_count(config)
+    except PlanError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+    def record(session: ControlSession) -> tuple[list[Plan], list[dict[str, str]], list[int]]:
+        session.lock_tenant(who.tenant_id)
         existing = {p.name: p.plan_id for p in session.plans(who.tenant_id)}
         created: list[Plan] = []
         duplicates: list[dict[str, str]] = []
@@ -45,8 +52,10 @@ async def create_plans(request: Request, who: Principal = Depends(require(Scope.
             session.add_plan_version(who.tenant_id, plan)
             existing[plan.name] = plan.plan_id
             created.append(plan)
-        # The log first: if it refuses, nothing is recorded here either.
-        await state.log.publish([plan_published(who.tenant_id, p) for p in created])
+        return created, duplicates, enqueue(session, who.tenant_id, [plan_published(who.tenant_id, p) for p in created])
+
+    created, duplicates, seqs = await unit_of_work(request, record)
+    await published(request, seqs)
     return JSONResponse({"plans": [plan_document(p) for p in created], "duplicates": duplicates},
                         status_code=201 if created else 200)
 
@@ -71,9 +80,10 @@ def get_plan(plan_id: str, request: Request, who: Principal = Depends(require(Sc
               summary="Update some fields: a new immutable version; running sessions keep theirs")
 async def patch_plan(plan_id: str, request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
     patch = decode(await read_body(request), PlanPatch)
-    state = request.app.state
-    with state.store.session() as session:
-        current = session.plan(who.tenant_id, plan_id, for_update=True)
+
+    def record(session: ControlSession) -> tuple[Plan, list[int]]:
+        session.lock_tenant(who.tenant_id)  # so two PATCHes of one plan make two versions, one after the other
+        current = session.plan(who.tenant_id, plan_id)
         if current is None:
             raise HTTPException(404, f"no plan {plan_id}")
         try:
@@ -81,5 +91,8 @@ async def patch_plan(plan_id: str, request: Request, who: Principal = Depends(re
         except PlanError as exc:
             raise HTTPException(422, str(exc)) from None
         session.add_plan_version(who.tenant_id, plan)
-        await state.log.publish([plan_published(who.tenant_id, plan)])
+        return plan, enqueue(session, who.tenant_id, [plan_published(who.tenant_id, plan)])
+
+    plan, seqs = await unit_of_work(request, record)
+    await published(request, seqs)
     return JSONResponse(plan_document(plan))

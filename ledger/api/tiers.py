@@ -10,10 +10,12 @@ import yaml
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.api.auth import require
+from ledger.api.db import published, unit_of_work
 from ledger.api.wire import JSONResponse, read_body
 from ledger.control.config import TierRecord, create_tiers
 from ledger.control.keys import Scope
-from ledger.control.store import Principal
+from ledger.control.store import ControlSession, Principal
+from ledger.plans import PlanError
 from ledger.tiers import Tier, TierError, display, margin, parse_tier, parse_tiers_yaml
 
 router = APIRouter(prefix="/config/tiers", tags=["tiers"])
@@ -50,12 +52,16 @@ def _parse(body: bytes, content_type: str) -> list[Tier]:
                  "application/json": {"schema": {"type": "object"}}}}})
 async def post_tiers(request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
     tiers = _parse(await read_body(request), request.headers.get("content-type", "application/json"))
-    state = request.app.state
-    with state.store.session() as session:
+    catalog = request.app.state.catalog
+
+    def record(session: ControlSession) -> tuple[list[TierRecord], list[TierRecord], list[int]]:
         try:
-            created, duplicates = await create_tiers(session, state.log, who.tenant_id, tiers, state.catalog)
-        except (TierError, ValueError) as exc:
+            return create_tiers(session, who.tenant_id, tiers, catalog)
+        except (TierError, PlanError, ValueError) as exc:
             raise HTTPException(422, str(exc)) from None
+
+    created, duplicates, seqs = await unit_of_work(request, record)
+    await published(request, seqs)
     return JSONResponse({"tiers": [tier_document(r) for r in created],
                          "duplicates": [{"tier_code": r.tier.tier_code, "id": r.id} for r in duplicates]},
                         status_code=201 if created else 200)

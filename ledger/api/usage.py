@@ -17,6 +17,7 @@ from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.api.auth import require
+from ledger.api.db import unit_of_work
 from ledger.api.wire import BODY_BYTES_MAX, JSONResponse, body_schema, read_body
 from ledger.control.keys import Scope
 from ledger.control.store import Principal
@@ -113,8 +114,7 @@ async def record_usage(request: Request, who: Principal = Depends(require(Scope.
                 raise HTTPException(422, str(exc)) from None
             outcomes[n] = Outcome(_event_id_of(raw), "rejected", str(exc))
     state = request.app.state
-    with state.store.session() as session:
-        known = session.ingested(who.tenant_id, [e.event_id for _, e in valid])
+    known = await unit_of_work(request, lambda session: session.ingested(who.tenant_id, [e.event_id for _, e in valid]))
     now = datetime.now(UTC)
     fresh: dict[str, str] = {}
     commands = []
@@ -136,6 +136,6 @@ async def record_usage(request: Request, who: Principal = Depends(require(Scope.
     except KafkaError as exc:  # nothing is remembered, so the client's retry publishes again
         raise HTTPException(503, f"the usage log is unavailable ({type(exc).__name__}); retry",
                             headers={"Retry-After": "1"}) from None
-    with state.store.session() as session:
-        session.remember_ingested(who.tenant_id, fresh)
+    if fresh:
+        await unit_of_work(request, lambda session: session.remember_ingested(who.tenant_id, fresh))
     return JSONResponse({"outcomes": outcomes}, status_code=202)

@@ -10,9 +10,11 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.api.auth import require
+from ledger.api.db import published, unit_of_work
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
-from ledger.control.store import Conflict, ControlSession, Principal, User
+from ledger.control.outbox import enqueue
+from ledger.control.store import Conflict, ControlSession, LimitExceeded, Principal, User
 from ledger.events import Name, PlanAssigned
 
 router = APIRouter(prefix="/users", tags=["users"])
@@ -36,8 +38,9 @@ def user_document(user: User) -> dict[str, Any]:
             "created_at": user.created_at.isoformat()}
 
 
-async def _subscribe(request: Request, session: ControlSession, who: Principal, user: User, plan_id: str,
-                     period_start: datetime | None) -> User:
+def _subscribe(session: ControlSession, who: Principal, user: User, plan_id: str,
+               period_start: datetime | None) -> tuple[User, list[int]]:
+    """Record the subscription and put its assignment in the outbox (the caller holds the tenant's lock)."""
     if session.plan(who.tenant_id, plan_id) is None:
         raise HTTPException(422, f"plan_id: no plan {plan_id} for this tenant")
     now = datetime.now(UTC)
@@ -46,23 +49,30 @@ async def _subscribe(request: Request, session: ControlSession, who: Principal, 
     except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before datetime.min in UTC
         raise HTTPException(422, f"period_start: {period_start} is out of range in UTC") from None
     updated = session.set_subscription(who.tenant_id, user.id, plan_id, start)
-    await request.app.state.log.publish([PlanAssigned(
+    return updated, enqueue(session, who.tenant_id, [PlanAssigned(
         event_id=str(uuid.uuid4()), tenant=who.tenant_id, user=user.external_id, plan_id=plan_id,
         period_start=start, occurred_at=now)])
-    return updated
 
 
 @router.post("", openapi_extra=body_schema(NewUser), response_class=JSONResponse, status_code=201,
              summary="Register an end user (optionally on a plan); an existing external id answers 409")
 async def create_user(request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
     body = decode(await read_body(request), NewUser)
-    with request.app.state.store.session() as session:
+
+    def record(session: ControlSession) -> tuple[User, list[int]]:
+        session.lock_tenant(who.tenant_id)  # the users quota counts under it
         try:
             user = session.create_user(who.tenant_id, body.external_id)
+        except LimitExceeded:
+            raise  # answered 409 naming the quota by unit_of_work
         except Conflict as exc:
             raise HTTPException(409, str(exc)) from None
-        if body.plan_id is not None:
-            user = await _subscribe(request, session, who, user, body.plan_id, body.period_start)
+        if body.plan_id is None:
+            return user, []
+        return _subscribe(session, who, user, body.plan_id, body.period_start)
+
+    user, seqs = await unit_of_work(request, record)
+    await published(request, seqs)
     return JSONResponse(user_document(user), status_code=201)
 
 
@@ -80,9 +90,14 @@ def get_user(user_id: str, request: Request, who: Principal = Depends(require(Sc
              summary="Put the user on a plan from period_start; mid-period this is an upgrade or downgrade")
 async def subscribe(user_id: str, request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
     body = decode(await read_body(request), Subscription)
-    with request.app.state.store.session() as session:
+
+    def record(session: ControlSession) -> tuple[User, list[int]]:
+        session.lock_tenant(who.tenant_id)  # two subscriptions of one user: the log has them in commit order
         user = session.user(who.tenant_id, user_id)
         if user is None:
             raise HTTPException(404, f"no user {user_id}")
-        user = await _subscribe(request, session, who, user, body.plan_id, body.period_start)
+        return _subscribe(session, who, user, body.plan_id, body.period_start)
+
+    user, seqs = await unit_of_work(request, record)
+    await published(request, seqs)
     return JSONResponse(user_document(user))

@@ -10,13 +10,14 @@ import msgspec
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 
 from ledger.api.auth import require
+from ledger.api.db import unit_of_work
 from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
 from ledger.control.store import (
     DELIVERIES_PAGE_MAX,
     WEBHOOK_DESCRIPTION_LENGTH_MAX,
     WEBHOOK_URL_LENGTH_MAX,
-    Conflict,
+    ControlSession,
     Delivery,
     Principal,
     Webhook,
@@ -57,11 +58,12 @@ async def create_webhook(request: Request, who: Principal = Depends(require(Scop
         await check_url(body.url, allow_private=request.app.state.settings.webhook_allow_private)
     except UnsafeURL as exc:
         raise HTTPException(422, str(exc)) from None
-    with request.app.state.store.session() as session:
-        try:
-            webhook, secret = session.create_webhook(who.tenant_id, body.url, body.description)
-        except Conflict as exc:
-            raise HTTPException(409, str(exc)) from None
+
+    def record(session: ControlSession) -> tuple[Webhook, str]:
+        session.lock_tenant(who.tenant_id)  # the webhooks quota counts under it
+        return session.create_webhook(who.tenant_id, body.url, body.description)
+
+    webhook, secret = await unit_of_work(request, record)  # a full quota answers 409
     return JSONResponse({**webhook_document(webhook), "secret": secret}, status_code=201)
 
 
@@ -84,9 +86,8 @@ def get_webhook(webhook_id: str, request: Request, who: Principal = Depends(requ
 @router.delete("/{webhook_id}", status_code=204, response_class=Response,
                summary="Delete an endpoint with its delivery log; pending retries are dropped")
 def delete_webhook(webhook_id: str, request: Request, who: Principal = Depends(require(Scope.admin))) -> Response:
-    with request.app.state.store.session() as session:
-        if not session.delete_webhook(who.tenant_id, webhook_id):
-            raise HTTPException(404, f"no webhook {webhook_id}")
+    if not request.app.state.store.transact(lambda session: session.delete_webhook(who.tenant_id, webhook_id)):
+        raise HTTPException(404, f"no webhook {webhook_id}")
     return Response(status_code=204)
 
 

@@ -238,6 +238,27 @@ def tenants_revoke(name: str, key: str) -> None:
     click.echo("revoked")
 
 
+@tenants.command("rate")
+@click.argument("name")
+@click.option("--per-s", "per_s", type=click.IntRange(1), help="Requests per second per key (default: the settings').")
+@click.option("--burst", type=click.IntRange(1), help="Requests a key may make at once (default: the settings').")
+def tenants_rate(name: str, per_s: int | None, burst: int | None) -> None:
+    """Set tenant NAME's request rate per API key; without options, back to the defaults."""
+    from ledger.control.store import ControlStore
+
+    store = ControlStore(_settings().control_url)
+    store.create_schema()
+    with store.session() as session:
+        tenant_id = session.tenant_id(name)
+        if tenant_id is None:
+            raise click.ClickException(f"no tenant {name!r}")
+        try:
+            session.set_rate(tenant_id, per_s, burst)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"{name}: {per_s or 'default'} requests/s per key, bursts of {burst or 'default'}")
+
+
 # -- data -------------------------------------------------------------------------
 
 

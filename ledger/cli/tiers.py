@@ -148,7 +148,7 @@ def apply_command(file: Path, tenant: str) -> None:
 
     from ledger.catalog import load_catalog
     from ledger.control.config import create_tiers
-    from ledger.control.store import ControlStore
+    from ledger.control.store import Conflict, ControlStore
     from ledger.settings import Settings
     from streams.publisher import UsagePublisher
 
@@ -161,17 +161,22 @@ def apply_command(file: Path, tenant: str) -> None:
     store.create_schema()
 
     async def go() -> tuple[list, list]:  # type: ignore[type-arg]
-        async with UsagePublisher(settings) as publisher:
-            with store.session() as session:
-                tenant_id = session.tenant_id(tenant)
-                if tenant_id is None:
-                    raise click.ClickException(f"no tenant {tenant!r}")
-                return await create_tiers(session, publisher, tenant_id, parsed,
-                                          load_catalog(overrides=settings.price_overrides))
+        from ledger.control.outbox import Relay
+
+        def record(session):  # type: ignore[no-untyped-def]
+            tenant_id = session.tenant_id(tenant)
+            if tenant_id is None:
+                raise click.ClickException(f"no tenant {tenant!r}")
+            return create_tiers(session, tenant_id, parsed, load_catalog(overrides=settings.price_overrides))
+
+        created, duplicates, seqs = store.transact(record)
+        async with UsagePublisher(settings) as publisher:  # recorded first, then published (see outbox.py)
+            await Relay(store, publisher).deliver(seqs)
+        return created, duplicates
 
     try:
         created, duplicates = asyncio.run(go())
-    except (TierError, ValueError) as exc:
+    except (TierError, ValueError, Conflict) as exc:
         raise click.ClickException(str(exc)) from None
     for record in created:
         click.echo(f"created {record.tier.tier_code}: tier {record.id}, plan {record.plan_id}")

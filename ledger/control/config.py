@@ -1,8 +1,8 @@
 """Configuration changes shared by the API and the command line.
 
-Each records the change in the control plane and writes what the processor
-must know to the usage log, inside one unit of work: if the log refuses, the
-store rolls back.
+Each records the change in the control plane and puts what the processor must
+know in the outbox, in one unit of work; ``ledger.control.outbox`` publishes it
+to the usage log after the commit (no transaction waits on Kafka).
 """
 
 from __future__ import annotations
@@ -38,12 +38,16 @@ class TierRecord:
     tier: Tier
 
 
-async def create_tiers(session: ControlSession, log: CommandLog, tenant_id: str, tiers: Sequence[Tier],
-                       catalog: PriceCatalog) -> tuple[list[TierRecord], list[TierRecord]]:
-    """Create tiers (each with its plan, version 1). Returns (created, duplicates by tier code).
+def create_tiers(session: ControlSession, tenant_id: str, tiers: Sequence[Tier],
+                 catalog: PriceCatalog) -> tuple[list[TierRecord], list[TierRecord], list[int]]:
+    """Create tiers (each with its plan, version 1). Returns (created, duplicates by tier code, outbox seqs).
 
-    Raises TierError for a model the catalog cannot price, ValueError for a plan name already taken.
+    Raises TierError for a model the catalog cannot price, ValueError for a plan name already taken,
+    PlanError for a plan past a bound, LimitExceeded for a full quota.
     """
+    from ledger.control.outbox import enqueue
+
+    session.lock_tenant(tenant_id)
     existing = {t.tier_code: TierRecord(tid, pid, t) for tid, pid, t in session.tiers(tenant_id)}
     taken = session.plan_names(tenant_id)
     created: list[TierRecord] = []
@@ -62,5 +66,4 @@ async def create_tiers(session: ControlSession, log: CommandLog, tenant_id: str,
         taken.add(tier.tier_code)
         created.append(record)
         plans.append(plan)
-    await log.publish([plan_published(tenant_id, p) for p in plans])
-    return created, duplicates
+    return created, duplicates, enqueue(session, tenant_id, [plan_published(tenant_id, p) for p in plans])

@@ -1,20 +1,26 @@
 """The control-plane store: SQLAlchemy 2, SQLite by default, PostgreSQL by URL.
 
 Every query is scoped to a tenant id that comes from an authenticated key.
-Changes that affect a user's decisions are not applied from here: the API
-writes them to the usage log (see ``ledger.api``), in the same unit of work
-that records them here, so the processor sees them in order.
+Changes that affect a user's decisions are not applied from here: the unit of
+work that records one also puts its commands in the outbox (same transaction),
+and ``ledger.control.outbox`` publishes them to the usage log after the commit,
+in outbox order, so no transaction is ever held across a Kafka publish.
+Transient lock errors are retried by :meth:`ControlStore.transact`.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import random
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 from sqlalchemy import (
@@ -36,9 +42,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from ledger.control import quotas
 from ledger.control.keys import ALL_SCOPES, Scope, digest, looks_like_key, matches, new_key, new_webhook_secret
 from ledger.plans import Plan
 from ledger.tiers import Tier
@@ -49,9 +56,22 @@ EVENT_ID_LENGTH_MAX = 128
 INGESTED_IDS_PER_TENANT_MAX = 100_000
 WEBHOOK_URL_LENGTH_MAX = 2048
 WEBHOOK_DESCRIPTION_LENGTH_MAX = 256
-WEBHOOKS_PER_TENANT_MAX = 20
+WEBHOOKS_PER_TENANT_MAX = quotas.WEBHOOKS_PER_TENANT.value
 DELIVERY_ERROR_LENGTH_MAX = 500
 DELIVERIES_PAGE_MAX = 1000
+# SQLite: how long a writer waits for another's lock before "database is locked" (sqlite3's busy timeout).
+SQLITE_BUSY_TIMEOUT_S = 10.0
+# Transient database errors (SQLite busy, PostgreSQL serialization failures and deadlocks): attempts of one
+# unit of work in all, and the first backoff (doubled each time, with jitter, at most DB_RETRY_WAIT_S_MAX).
+DB_ATTEMPTS_MAX = 6
+DB_RETRY_FIRST_S = 0.05
+DB_RETRY_WAIT_S_MAX = 2.0
+PG_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock not available
+SQLITE_TRANSIENT_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+OUTBOX_LEASE_NAME = "outbox"
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _now() -> datetime:
@@ -122,6 +142,34 @@ class TierRow(Base):
     plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id"))
 
 
+class TenantLimitsRow(Base):
+    """A tenant's own request rate per API key, where it differs from the settings' defaults."""
+
+    __tablename__ = "tenant_limits"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    requests_per_s: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    burst: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class OutboxRow(Base):
+    """A command for the usage log, recorded with the change that caused it and deleted once published."""
+
+    __tablename__ = "outbox"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    command: Mapped[str] = mapped_column(Text)  # the command as the log carries it (JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class RelayLeaseRow(Base):
+    """Who publishes the outbox now: one relay at a time keeps the log in outbox order across processes."""
+
+    __tablename__ = "relay_leases"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(36))
+    until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class IngestedRow(Base):
     """An event id the API published to the usage log, with its payload digest (newest have the highest seq)."""
 
@@ -179,6 +227,9 @@ class Principal:
     tenant_name: str
     key_id: str
     scopes: frozenset[Scope]
+    # The tenant's own request rate per key (None: the settings' default).
+    requests_per_s: int | None = None
+    burst: int | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +294,14 @@ class DueDelivery:
 
 class Conflict(Exception):
     """The thing exists already (answered with 409)."""
+
+
+class LimitExceeded(Conflict):
+    """A named per-tenant quota is full (answered with 409, naming the limit and its value)."""
+
+    def __init__(self, limit: quotas.Limit, extra: str = "") -> None:
+        self.limit = limit
+        super().__init__(f"{limit.name}: a tenant has at most {limit.value} {limit.what}{extra}")
 
 
 _plan_decoder = msgspec.json.Decoder(Plan)
@@ -311,15 +370,89 @@ class ControlSession:
         if not looks_like_key(key):
             return None
         found = self.db.execute(
-            select(ApiKeyRow, TenantRow.name).join(TenantRow, TenantRow.id == ApiKeyRow.tenant_id)
+            select(ApiKeyRow, TenantRow.name, TenantLimitsRow.requests_per_s, TenantLimitsRow.burst)
+            .join(TenantRow, TenantRow.id == ApiKeyRow.tenant_id)
+            .outerjoin(TenantLimitsRow, TenantLimitsRow.tenant_id == ApiKeyRow.tenant_id)
             .where(ApiKeyRow.key_digest == digest(key))
         ).first()
         if found is None:
             return None
-        row, tenant_name = found
+        row, tenant_name, requests_per_s, burst = found
         if row.revoked_at is not None or not matches(key, row.key_digest):
             return None
-        return Principal(row.tenant_id, tenant_name, row.id, frozenset(Scope(s) for s in row.scopes.split(",") if s))
+        return Principal(row.tenant_id, tenant_name, row.id, frozenset(Scope(s) for s in row.scopes.split(",") if s),
+                         requests_per_s, burst)
+
+    def set_rate(self, tenant_id: str, requests_per_s: int | None, burst: int | None) -> None:
+        """The tenant's own request rate per key and burst (None: back to the settings' default)."""
+        for name, value in (("requests_per_s", requests_per_s), ("burst", burst)):
+            if value is not None and not 1 <= value <= quotas.RATE_VALUE_MAX:
+                raise ValueError(f"{name} must be between 1 and {quotas.RATE_VALUE_MAX}, got {value}")
+        row = self.db.get(TenantLimitsRow, tenant_id)
+        if row is None:
+            self.db.add(TenantLimitsRow(tenant_id=tenant_id, requests_per_s=requests_per_s, burst=burst))
+        else:
+            row.requests_per_s, row.burst = requests_per_s, burst
+        self.db.flush()
+
+    # -- concurrency -------------------------------------------------------------
+
+    def lock_tenant(self, tenant_id: str) -> None:
+        """Serialise this tenant's configuration writes until the unit of work ends.
+
+        A write to the tenant's row takes PostgreSQL's row lock and SQLite's write lock, so the counts
+        behind a quota and the plan version a PATCH builds on cannot change under this unit of work.
+        Other tenants are not blocked on PostgreSQL (SQLite has one writer at a time anyway).
+        """
+        self.db.execute(update(TenantRow).where(TenantRow.id == tenant_id).values(name=TenantRow.name)
+                        .execution_options(synchronize_session=False))
+
+    def _check_quota(self, limit: quotas.Limit, count: int) -> None:
+        """Room for one more under ``limit``, given ``count`` there are."""
+        if count + 1 > limit.value:
+            raise LimitExceeded(limit)
+
+    # -- the outbox ----------------------------------------------------------------
+
+    def enqueue(self, tenant_id: str, commands: Sequence[bytes]) -> list[int]:
+        """Put encoded commands in the outbox, in this order; returns their sequence numbers."""
+        rows = [OutboxRow(tenant_id=tenant_id, command=c.decode(), created_at=_now()) for c in commands]
+        self.db.add_all(rows)
+        self.db.flush()
+        return [r.seq for r in rows]
+
+    def outbox(self, limit: int) -> list[tuple[int, bytes]]:
+        """The oldest commands not yet published, in outbox order."""
+        rows = self.db.execute(select(OutboxRow.seq, OutboxRow.command).order_by(OutboxRow.seq).limit(limit))
+        return [(seq, command.encode()) for seq, command in rows]
+
+    def unpublished(self, seqs: Sequence[int]) -> set[int]:
+        if not seqs:
+            return set()
+        return set(self.db.scalars(select(OutboxRow.seq).where(OutboxRow.seq.in_(seqs))))
+
+    def forget_published(self, seqs: Sequence[int]) -> None:
+        self.db.execute(delete(OutboxRow).where(OutboxRow.seq.in_(seqs)).execution_options(synchronize_session=False))
+
+    def take_relay_lease(self, holder: str, now: datetime, until: datetime) -> bool:
+        """Hold (or renew) the outbox relay's lease until ``until``; False while another holder's lease runs."""
+        taken = self.db.execute(
+            update(RelayLeaseRow)
+            .where(RelayLeaseRow.name == OUTBOX_LEASE_NAME, (RelayLeaseRow.holder == holder) | (RelayLeaseRow.until < now))
+            .values(holder=holder, until=until).execution_options(synchronize_session=False))
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            return True
+        if self.db.get(RelayLeaseRow, OUTBOX_LEASE_NAME) is not None:
+            return False
+        dialect = postgresql if self.db.get_bind().dialect.name == "postgresql" else sqlite
+        added = self.db.execute(dialect.insert(RelayLeaseRow)
+                                .values(name=OUTBOX_LEASE_NAME, holder=holder, until=until).on_conflict_do_nothing())
+        return bool(added.rowcount == 1)  # type: ignore[attr-defined]
+
+    def release_relay_lease(self, holder: str) -> None:
+        self.db.execute(update(RelayLeaseRow)
+                        .where(RelayLeaseRow.name == OUTBOX_LEASE_NAME, RelayLeaseRow.holder == holder)
+                        .values(until=datetime(2000, 1, 1, tzinfo=UTC)).execution_options(synchronize_session=False))
 
     # -- plans -----------------------------------------------------------------
 
@@ -327,10 +460,16 @@ class ControlSession:
         return set(self.db.scalars(select(PlanRow.name).where(PlanRow.tenant_id == tenant_id)))
 
     def add_plan_version(self, tenant_id: str, plan: Plan) -> None:
-        """Record a plan version; version 1 creates the plan."""
+        """Record a plan version; version 1 creates the plan. Quotas: plans per tenant, versions per plan.
+
+        Callers that read before they write (a PATCH, a quota) hold :meth:`lock_tenant` first.
+        """
         if plan.version == 1:
+            count = self.db.scalar(select(func.count()).select_from(PlanRow).where(PlanRow.tenant_id == tenant_id))
+            self._check_quota(quotas.PLANS_PER_TENANT, count or 0)
             self.db.add(PlanRow(id=plan.plan_id, tenant_id=tenant_id, name=plan.name, latest_version=1))
         else:
+            self._check_quota(quotas.VERSIONS_PER_PLAN, plan.version - 1)
             row = self.db.get(PlanRow, plan.plan_id)
             assert row is not None and row.tenant_id == tenant_id and row.latest_version == plan.version - 1
             row.latest_version = plan.version
@@ -361,6 +500,8 @@ class ControlSession:
     # -- tiers -------------------------------------------------------------------
 
     def add_tier(self, tenant_id: str, tier: Tier, plan_id: str) -> str:
+        count = self.db.scalar(select(func.count()).select_from(TierRow).where(TierRow.tenant_id == tenant_id))
+        self._check_quota(quotas.TIERS_PER_TENANT, count or 0)
         row = TierRow(tenant_id=tenant_id, tier_code=tier.tier_code, body=msgspec.json.encode(tier).decode(),
                       plan_id=plan_id)
         self.db.add(row)
@@ -397,6 +538,8 @@ class ControlSession:
     # -- users -------------------------------------------------------------------
 
     def create_user(self, tenant_id: str, external_id: str) -> User:
+        count = self.db.scalar(select(func.count()).select_from(UserRow).where(UserRow.tenant_id == tenant_id))
+        self._check_quota(quotas.USERS_PER_TENANT, count or 0)
         row = UserRow(tenant_id=tenant_id, external_id=external_id)
         self.db.add(row)
         try:
@@ -441,7 +584,8 @@ class ControlSession:
         if not digests:
             return
         dialect = postgresql if self.db.get_bind().dialect.name == "postgresql" else sqlite
-        rows = [{"tenant_id": tenant_id, "event_id": e, "digest": d} for e, d in digests.items()]
+        # Sorted, so two concurrent batches sharing ids take their index locks in one order (no deadlock).
+        rows = [{"tenant_id": tenant_id, "event_id": e, "digest": d} for e, d in sorted(digests.items())]
         self.db.execute(dialect.insert(IngestedRow).values(rows).on_conflict_do_nothing())
         oldest_kept = self.db.scalar(select(IngestedRow.seq).where(IngestedRow.tenant_id == tenant_id)
                                      .order_by(IngestedRow.seq.desc()).offset(keep - 1).limit(1))
@@ -453,8 +597,8 @@ class ControlSession:
     def create_webhook(self, tenant_id: str, url: str, description: str = "") -> tuple[Webhook, str]:
         """A new endpoint and its signing secret (returned here only)."""
         count = self.db.scalar(select(func.count()).select_from(WebhookRow).where(WebhookRow.tenant_id == tenant_id))
-        if (count or 0) >= WEBHOOKS_PER_TENANT_MAX:
-            raise Conflict(f"a tenant has at most {WEBHOOKS_PER_TENANT_MAX} webhooks; delete one first")
+        if (count or 0) >= quotas.WEBHOOKS_PER_TENANT.value:
+            raise LimitExceeded(quotas.WEBHOOKS_PER_TENANT, "; delete one first")
         secret = new_webhook_secret()
         row = WebhookRow(tenant_id=tenant_id, url=url, description=description, secret=secret, enabled=True,
                          created_at=_now())
@@ -591,8 +735,10 @@ class ControlStore:
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, pool_pre_ping=True)
-        if url.startswith("sqlite"):
+        sqlite_url = url.startswith("sqlite")
+        self.engine: Engine = create_engine(url, pool_pre_ping=True,
+                                            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if sqlite_url else {})
+        if sqlite_url:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -605,8 +751,40 @@ class ControlStore:
         with self._sessions() as db, db.begin():
             yield ControlSession(db)
 
+    def transact(self, work: Callable[[ControlSession], T], *, sleep: Callable[[float], None] = time.sleep) -> T:
+        """Run ``work`` in a unit of work, again (bounded, with backoff) when the database says to retry.
+
+        Retried: SQLite busy/locked (after its own busy timeout), PostgreSQL serialization failures,
+        deadlocks and lock timeouts. ``work`` must only touch the database: it may run more than once.
+        Blocking: async callers run this in a thread (``ledger.api.db.unit_of_work``).
+        """
+        for attempt in range(1, DB_ATTEMPTS_MAX + 1):
+            try:
+                with self.session() as session:
+                    return work(session)
+            except DBAPIError as exc:
+                if attempt == DB_ATTEMPTS_MAX or not transient(exc):
+                    raise
+                wait = min(DB_RETRY_WAIT_S_MAX, DB_RETRY_FIRST_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.info("transient database error (%s), attempt %d of %d; again in %.2fs",
+                         type(exc.orig).__name__, attempt, DB_ATTEMPTS_MAX, wait)
+                sleep(wait)
+        raise AssertionError("unreachable")
+
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def transient(exc: DBAPIError) -> bool:
+    """Whether the database asks for the unit of work to be tried again (nothing was applied)."""
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in PG_TRANSIENT_SQLSTATES
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in SQLITE_TRANSIENT_CODES
+    return "database is locked" in str(orig)
 
 
 def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]

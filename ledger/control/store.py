@@ -470,6 +470,11 @@ class ControlSession:
             self.db.add(PlanRow(id=plan.plan_id, tenant_id=tenant_id, name=plan.name, latest_version=1))
         else:
             self._check_quota(quotas.VERSIONS_PER_PLAN, plan.version - 1)
+            # The processor keeps every version of a plan in one state value: their sum must fit in a record.
+            stored = self.db.scalar(select(func.sum(func.length(PlanVersionRow.body)))
+                                    .where(PlanVersionRow.plan_id == plan.plan_id)) or 0
+            if stored + len(msgspec.json.encode(plan)) > quotas.PLAN_HISTORY_BYTES.value:
+                raise LimitExceeded(quotas.PLAN_HISTORY_BYTES)
             row = self.db.get(PlanRow, plan.plan_id)
             assert row is not None and row.tenant_id == tenant_id and row.latest_version == plan.version - 1
             row.latest_version = plan.version

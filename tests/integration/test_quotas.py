@@ -198,3 +198,21 @@ def test_a_request_of_more_plans_or_tiers_than_the_bound_is_refused_and_writes_n
     published = [decode_command(v) for records in read_partitions(
         settings, Topics.for_namespace(settings.namespace).usage).values() for _, v in records]
     assert len(published) == PLANS_PER_FILE_MAX * settings.partitions
+
+
+def test_versions_of_a_large_plan_stop_at_the_history_bound_the_processor_can_store(api):
+    """Every version of a plan is one value of the processor's state: 100 versions of 64 KiB would not fit in a
+    Kafka record, and the processor would refuse (too_large) what the API had accepted."""
+    a = new_tenant(api, "acme")
+    names = [f"{n:04d}".ljust(MODEL_NAME_LENGTH_MAX, "m") for n in range(PLAN_MAP_ENTRIES_MAX)]
+    plan = {"name": "wide", "cost_rates": dict.fromkeys(names, RATE)}
+    created = a.call("POST", "/config/plans", json={"plans": [plan]})
+    assert created.status_code == 201
+    plan_id = created.json()["plans"][0]["id"]
+    answers = [a.call("PATCH", f"/config/plans/{plan_id}", json={"trial_days": n}) for n in range(1, 40)]
+    accepted = [r for r in answers if r.status_code == 200]
+    assert 5 < len(accepted) < len(answers)
+    refused(answers[len(accepted)], 409, "plan_history_bytes_max")
+    assert all(r.status_code == 409 for r in answers[len(accepted):])
+    versions = a.call("GET", f"/config/plans/{plan_id}").json()["version"]
+    assert versions == len(accepted) + 1 < quotas.VERSIONS_PER_PLAN.value

@@ -384,7 +384,7 @@ class PartitionLedger:
         """
         for key, value in batch.state_in_write_order():
             p = partition_of(key)
-            fut = await self.app.producer.send(self.changelog, encode(key), encode(value), p, None, None)
+            fut = await self.app.producer.send(self.changelog, encode(key), batch.encoded[key], p, None, None)
             self.table.data[key] = value
             if isinstance(value, Position):
                 fut.add_done_callback(self._position_written(value))

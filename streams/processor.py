@@ -70,6 +70,8 @@ class Batch:
     gates: Counter[str] = field(default_factory=Counter)  # by gate kind
     # The offset after the last record of each partition in the batch.
     next_offsets: dict[int, int] = field(default_factory=dict)
+    # Each write as the changelog will hold it.
+    encoded: dict[str, bytes] = field(default_factory=dict)
 
     def state_in_write_order(self) -> list[tuple[str, StateValue]]:
         """Accounts, then plan histories, then positions.
@@ -87,12 +89,29 @@ class UsageProcessor:
     def __init__(self, topics: Topics, read_state: Callable[[str], Any],
                  scan_state: Callable[[str], Iterable[tuple[str, Any]]] = lambda prefix: ()) -> None:
         self.topics = topics
+        self._watched: frozenset[str] = frozenset()  # keys whose every new value is measured (see run)
         self._read_state = read_state
         self._scan_state = scan_state
 
     def run(self, records: Iterable[Record]) -> Batch:
-        """Fold records (each partition's in offset order, without gaps) into a batch; live state is not touched."""
+        """Fold records (each partition's in offset order, without gaps) into a batch; live state is not touched.
+
+        A value that would be stored past RECORD_BYTES_MAX would fail its changelog write and stop the
+        partition. The batch is then folded again watching those values: each command that would take
+        one past the bound is dead-lettered (too_large) and leaves it as it was.
+        """
+        records = list(records)
+        batch = self._run(records, frozenset())
+        too_large = frozenset(key for key, raw in batch.encoded.items() if len(key) + len(raw) > RECORD_BYTES_MAX)
+        if not too_large:
+            return batch
+        log.warning("state values would pass %s bytes; refusing the commands that take them there: %s",
+                    RECORD_BYTES_MAX, sorted(too_large))
+        return self._run(records, too_large)
+
+    def _run(self, records: list[Record], watched: frozenset[str]) -> Batch:
         batch = Batch()
+        self._watched = watched
         for record in records:
             batch.next_offsets[record.partition] = record.offset + 1
             try:
@@ -107,12 +126,14 @@ class UsageProcessor:
                 value.applied_to = batch.next_offsets[partition_of(key)]
         for p, next_offset in batch.next_offsets.items():
             batch.writes[position_key(p)] = Position(partition=p, next_offset=next_offset)
+        batch.encoded = {key: encode(value) for key, value in batch.writes.items()}
         return batch
 
     def read(self, batch: Batch, key: str) -> Any:
         """A value as this batch sees it: its own write, else a copy of the stored value that the fold may change."""
         if key in batch.writes:
-            return batch.writes[key]
+            value = batch.writes[key]
+            return clone(value) if key in self._watched and isinstance(value, Account) else value
         value = self._read_state(key)
         return clone(value) if isinstance(value, Account) else value  # plan histories are replaced, never changed
 
@@ -150,11 +171,6 @@ class UsageProcessor:
             log.exception("core failed on %s:%s@%s", record.topic, p, record.offset)
             self._reject(batch, record, "internal_error", f"internal error: {type(exc).__name__}", command)
             return Result.rejected
-        if decision.plan_history is not None and len(encode(decision.plan_history)) > RECORD_BYTES_MAX:
-            # Stored, it would pass the changelog's message limit and stop the partition: refuse it alone.
-            self._reject(batch, record, "too_large", f"plan {decision.plan_history.plan_id} with this version would "
-                         f"be stored as more than {RECORD_BYTES_MAX} bytes; publish a smaller plan", command)
-            return Result.rejected
         if not self._collect(decision, record, command, akey, batch) and decision.result is Result.ok:
             return Result.rejected  # too large to emit
         return decision.result
@@ -188,6 +204,18 @@ class UsageProcessor:
             self._reject(batch, record, "too_large", f"an output of this command would pass {RECORD_BYTES_MAX} "
                          "bytes; it is not applied", command)
             return False
+        if self._watched:
+            history = decision.plan_history
+            changed = [(akey, decision.account)] if decision.account is not None and akey is not None else []
+            if history is not None and record is not None:
+                changed.append((plan_key(record.partition, history.tenant, history.plan_id), history))
+            for key, value in changed:
+                if key in self._watched and len(key) + len(encode(value)) > RECORD_BYTES_MAX:
+                    if record is None:  # a clock tick never grows a value; leave this one as it was
+                        return False
+                    self._reject(batch, record, "too_large", f"the state this command changes would be stored as "
+                                 f"more than {RECORD_BYTES_MAX} bytes; it is not applied", command)
+                    return False
         if decision.account is not None and akey is not None:
             batch.writes[akey] = decision.account
         if decision.plan_history is not None:

@@ -40,7 +40,7 @@ async def _subscribe(request: Request, session: ControlSession, who: Principal, 
                      period_start: datetime | None) -> User:
     if session.plan(who.tenant_id, plan_id) is None:
         raise HTTPException(422, f"plan_id: no plan {plan_id} for this tenant")
-    now = datetime.now(UTC)
+    now = request.app.state.clock()
     try:
         start = (period_start or now).astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before datetime.min in UTC

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LEDGER := $(BIN)/ledger
 
-.PHONY: install broker demo example test test-unit test-integration bench check down clean
+.PHONY: install broker demo example test test-deps test-unit test-integration bench soak check down clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,13 @@ example: install
 	$(BIN)/python -m examples.chat_backend $(EXAMPLE_ARGS)
 
 # pytest exits 5 when no test ran; make treats any non-zero exit as failure.
-test: broker
+test: test-deps broker
 	$(BIN)/pytest -q tests
+
+# docker-compose and PostgreSQL's server binaries: apt-get installs them when missing and we are root; otherwise
+# one line says how to get them (and only the tests that need them fail).
+test-deps:
+	@sh tools/test-deps.sh
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
@@ -41,6 +46,13 @@ bench: broker
 	$(BIN)/python -m tests.benchmarks.checks
 	$(BIN)/python -m tests.benchmarks.history
 	$(BIN)/python -m tests.benchmarks.webhooks
+
+# The crash and fault tests, SOAK_RUNS times over; a skeleton: it counts failed runs.
+SOAK_RUNS ?= 10
+soak: broker
+	@failed=0; for n in $$(seq $(SOAK_RUNS)); do \
+	  $(BIN)/pytest -q tests/reliability || failed=$$((failed + 1)); \
+	done; echo "soak: $$failed of $(SOAK_RUNS) runs failed"; test $$failed -eq 0
 
 check: install
 	$(BIN)/ruff check ledger ledger_sdk streams projections tests examples

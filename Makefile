@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LEDGER := $(BIN)/ledger
 
-.PHONY: install broker demo example test test-unit test-integration bench soak check down clean
+.PHONY: install broker demo example test test-deps test-unit test-integration bench soak check down clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,13 @@ example: install
 	$(BIN)/python -m examples.chat_backend $(EXAMPLE_ARGS)
 
 # pytest exits 5 when no test ran; make treats any non-zero exit as failure.
-test: broker
+test: test-deps broker
 	$(BIN)/pytest -q tests
+
+# docker-compose and PostgreSQL's server binaries: apt-get installs them when missing and we are root; otherwise
+# one line says how to get them (and only the tests that need them fail).
+test-deps:
+	@sh tools/test-deps.sh
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

@@ -10,13 +10,25 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from ledger.settings import Settings
+from tests.factories import T0
+from tests.wall_clock import TICKS_OFF, tick_seconds, ticking_problem
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every process a test starts (worker, `ledger api`, `ledger up`, webhooks) ticks only if the test says so.
+
+    The workloads are dated (tests/factories.py T0); a wall-clock tick would end their period on some days and
+    not on others. Tests that need time to pass publish their own ClockTicked dated in the workload.
+    """
+    os.environ.update(TICKS_OFF)
 
 
 @pytest.fixture(scope="session")
@@ -87,20 +99,31 @@ def settings(bootstrap: str, tmp_path: Path) -> Settings:
 
 
 class WorkerProcess:
-    """A `ledger worker` in its own process, so tests can kill -9 it."""
+    """A `ledger worker` in its own process, so tests can kill -9 it.
 
-    def __init__(self, settings: Settings, worker_id: str = "0", env: dict[str, str] | None = None) -> None:
+    It never ticks unless ``env`` sets LEDGER_TICK_SECONDS, and then only over a workload (dated from
+    ``workload_start``) that the wall clock has not left: it refuses to start otherwise.
+    """
+
+    def __init__(self, settings: Settings, worker_id: str = "0", env: dict[str, str] | None = None,
+                 workload_start: datetime = T0) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.env = env or {}
+        self.workload_start = workload_start
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = settings.home / f"worker-{worker_id}.log"
         self.starts = 0
 
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "LEDGER_HOME": str(self.settings.home), "LEDGER_NAMESPACE": self.settings.namespace,
+                "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap,
+                "LEDGER_PARTITIONS": str(self.settings.partitions), **TICKS_OFF, **self.env}
+
     def start(self) -> WorkerProcess:
-        env = {**os.environ, "LEDGER_HOME": str(self.settings.home), "LEDGER_NAMESPACE": self.settings.namespace,
-               "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap,
-               "LEDGER_PARTITIONS": str(self.settings.partitions), **self.env}
+        env = self.environment()
+        if tick_seconds(env) > 0 and (problem := ticking_problem(self.workload_start, datetime.now(UTC))):
+            pytest.fail(problem, pytrace=False)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -186,8 +209,9 @@ class ProjectorProcess:
 def worker_factory(settings: Settings) -> Iterator:  # type: ignore[type-arg]
     workers: list[WorkerProcess] = []
 
-    def make(s: Settings = settings, worker_id: str = "0", env: dict[str, str] | None = None) -> WorkerProcess:
-        w = WorkerProcess(s, worker_id, env)
+    def make(s: Settings = settings, worker_id: str = "0", env: dict[str, str] | None = None,
+             workload_start: datetime = T0) -> WorkerProcess:
+        w = WorkerProcess(s, worker_id, env, workload_start)
         workers.append(w)
         return w
 

@@ -1,7 +1,7 @@
 """A throwaway PostgreSQL server for tests: initdb in a temp folder, start on 127.0.0.1, stop and delete.
 
 Used when ``LEDGER_TEST_DATABASE_URL`` is not set. Needs the server binaries (Debian's
-``postgresql`` package, which CI's .ci/run installs), not a running cluster. PostgreSQL
+``postgresql`` package, which `make test` installs as root), not a running cluster. PostgreSQL
 refuses to run as root, so as root the server runs as the ``postgres`` OS user (or an
 unprivileged user created for it). Authentication is ``trust``, on localhost only.
 """
@@ -56,7 +56,7 @@ def find_server_bin() -> Path:
             return Path(folder)
     raise PostgresUnavailable(
         "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin: "
-        "run `apt-get install postgresql` (CI's .ci/run installs it), or set LEDGER_TEST_DATABASE_URL "
+        "run `apt-get install postgresql` (`make test` does as root), or set LEDGER_TEST_DATABASE_URL "
         "to a postgresql+psycopg:// URL of an existing server"
     )
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,13 @@ from ledger.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def create_api(settings: Settings, *, store: ControlStore | None = None, command_log: CommandLog | None = None) -> FastAPI:
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_api(settings: Settings, *, store: ControlStore | None = None, command_log: CommandLog | None = None,
+               clock: Callable[[], datetime] = wall_clock) -> FastAPI:
+    """``clock`` dates what the API writes to the log (queries, checks, top-ups, subscriptions, undated usage)."""
     store = store or ControlStore(settings.control_url)
     store.create_schema()
 
@@ -65,6 +72,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
                   description="Priced LLM usage, gate events and spend history per end user.")
     app.state.store = store
     app.state.settings = settings
+    app.state.clock = clock
     app.state.catalog = load_catalog(overrides=settings.price_overrides)
     app.state.gate_streams = gates.StreamSlots()
     app.state.rate_limits = TokenBuckets()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -50,7 +49,7 @@ async def check(request: Request, who: Principal = Depends(require(Scope.ingest,
         event_id=body.reservation_id or str(uuid.uuid4()), request_id=request_id, tenant=who.tenant_id,
         user=body.user, model=body.model,
         session_id=body.session_id, input_tokens=body.input_tokens, output_tokens=body.output_tokens,
-        reserve=body.reserve, ttl_seconds=body.ttl_seconds, occurred_at=datetime.now(UTC))
+        reserve=body.reserve, ttl_seconds=body.ttl_seconds, occurred_at=request.app.state.clock())
     answer = await ask(request, command, CheckAnswer)
     document: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(Decimal,))
     for internal in ("request_id", "tenant", "schema_version"):
@@ -74,7 +73,7 @@ async def top_up(user_id: str, request: Request, who: Principal = Depends(requir
             raise HTTPException(404, f"no user {user_id}")
         return user, enqueue(session, who.tenant_id, [ToppedUp(
             event_id=event_id, tenant=who.tenant_id, user=user.external_id, amount=body.amount,
-            occurred_at=datetime.now(UTC))])
+            occurred_at=request.app.state.clock())])
 
     user, seqs = await unit_of_work(request, record)
     await published(request, seqs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -39,7 +39,7 @@ async def live_spend(user: str, request: Request, who: Principal = Depends(reade
         # No usage event can name such a user (and PostgreSQL text cannot hold NUL): nobody to ask about.
         raise HTTPException(404, f"no user {user[:NAME_LENGTH_MAX]!r}: ids are 1 to {NAME_LENGTH_MAX} characters "
                                  "without NUL")
-    now = datetime.now(UTC)
+    now = request.app.state.clock()
     answer = await ask(request, SpendQueried(event_id=str(uuid.uuid4()), request_id=str(uuid.uuid4()),
                                              tenant=who.tenant_id, user=user, occurred_at=now), SpendAnswer)
     if answer.status == "no_plan":

@@ -9,7 +9,6 @@ re-publish, which the processor's own dedup absorbs. Its reverse order could los
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -115,7 +114,7 @@ async def record_usage(request: Request, who: Principal = Depends(require(Scope.
             outcomes[n] = Outcome(_event_id_of(raw), "rejected", str(exc))
     state = request.app.state
     known = await unit_of_work(request, lambda session: session.ingested(who.tenant_id, [e.event_id for _, e in valid]))
-    now = datetime.now(UTC)
+    now = request.app.state.clock()
     fresh: dict[str, str] = {}
     commands = []
     for n, event in valid:

@@ -39,11 +39,10 @@ def user_document(user: User) -> dict[str, Any]:
 
 
 def _subscribe(session: ControlSession, who: Principal, user: User, plan_id: str,
-               period_start: datetime | None) -> tuple[User, list[int]]:
+               period_start: datetime | None, now: datetime) -> tuple[User, list[int]]:
     """Record the subscription and put its assignment in the outbox (the caller holds the tenant's lock)."""
     if session.plan(who.tenant_id, plan_id) is None:
         raise HTTPException(422, f"plan_id: no plan {plan_id} for this tenant")
-    now = datetime.now(UTC)
     try:
         start = (period_start or now).astimezone(UTC)
     except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before datetime.min in UTC
@@ -69,7 +68,7 @@ async def create_user(request: Request, who: Principal = Depends(require(Scope.a
             raise HTTPException(409, str(exc)) from None
         if body.plan_id is None:
             return user, []
-        return _subscribe(session, who, user, body.plan_id, body.period_start)
+        return _subscribe(session, who, user, body.plan_id, body.period_start, request.app.state.clock())
 
     user, seqs = await unit_of_work(request, record)
     await published(request, seqs)
@@ -96,7 +95,7 @@ async def subscribe(user_id: str, request: Request, who: Principal = Depends(req
         user = session.user(who.tenant_id, user_id)
         if user is None:
             raise HTTPException(404, f"no user {user_id}")
-        return _subscribe(session, who, user, body.plan_id, body.period_start)
+        return _subscribe(session, who, user, body.plan_id, body.period_start, request.app.state.clock())
 
     user, seqs = await unit_of_work(request, record)
     await published(request, seqs)

@@ -1,7 +1,10 @@
 """The demo workload: the plans guide's two plans, a dozen users, some over their limits.
 
-Deterministic (fixed ids and times), so running the demo twice adds nothing:
-the second run's events are all recognised as duplicates.
+Dated relative to the day it runs: the usage lies in the three days before today (UTC), in the billing
+period the demo's users start on, so live spend right after the demo shows it and the local stack's
+wall-clock ticks end no period under it. Deterministic within a day (ids and times depend only on the
+date), so running the demo twice the same day adds nothing: the second run's events are all recognised
+as duplicates. A run on a later day adds that day's workload under new ids.
 """
 
 from __future__ import annotations
@@ -13,8 +16,16 @@ from pathlib import Path
 from ledger.events import UsageRecorded
 
 DEMO_TENANT = "demo"  # the tenant's name in the control plane
-DEMO_START = datetime(2026, 11, 1, tzinfo=UTC)
+# The workload starts this many whole days before the day the demo runs; every event lies before midnight.
+DEMO_DAYS = 3
 PLANS_FILE = Path(__file__).resolve().parents[2] / "examples" / "plans.json"
+
+
+def demo_start(now: datetime) -> datetime:
+    """The demo's subscription start and first instant: DEMO_DAYS whole days before ``now``'s day (UTC)."""
+    today = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return today - timedelta(days=DEMO_DAYS)
+
 
 # user -> (plan, [(model, input_tokens, output_tokens, calls)], sessions)
 USERS: dict[str, tuple[str, list[tuple[str, int, int, int]]]] = {
@@ -31,38 +42,43 @@ USERS: dict[str, tuple[str, list[tuple[str, int, int, int]]]] = {
 }
 
 
-def demo_usage(tenant: str) -> list[UsageRecorded]:
-    """Interleaved usage of every demo user (and three calls a plan refuses)."""
+def demo_usage(tenant: str, start: datetime) -> list[UsageRecorded]:
+    """Interleaved usage of every demo user from ``start`` (and three calls a plan refuses), all before the
+    day that is DEMO_DAYS after it. The same mix every day; the ids name the day."""
     rng = random.Random(20261101)
+    day = f"{start:%Y%m%d}"
     calls: list[UsageRecorded] = []
     for user, (_, mix) in USERS.items():
-        t = DEMO_START + timedelta(hours=rng.randint(1, 48))
+        t = start + timedelta(hours=rng.randint(1, 48))
         n = 0
         for model, input_tokens, output_tokens, count in mix:
             for _ in range(count):
                 n += 1
                 t += timedelta(seconds=rng.randint(5, 120))
                 calls.append(UsageRecorded(
-                    event_id=f"{user}-call-{n:04d}", tenant=tenant, user=user, model=model,
+                    event_id=f"{user}-{day}-call-{n:04d}", tenant=tenant, user=user, model=model,
                     input_tokens=input_tokens, output_tokens=output_tokens,
                     session_id=f"{user}-chat-1", occurred_at=t,
                 ))
     # Free users may not call gpt-4o: these land in the dead-letter topic.
     for user in ("alice", "carol", "erin"):
         calls.append(UsageRecorded(
-            event_id=f"{user}-gpt4o", tenant=tenant, user=user, model="gpt-4o", input_tokens=500,
-            output_tokens=500, session_id=f"{user}-chat-1", occurred_at=DEMO_START + timedelta(days=3),
+            event_id=f"{user}-{day}-gpt4o", tenant=tenant, user=user, model="gpt-4o", input_tokens=500,
+            output_tokens=500, session_id=f"{user}-chat-1",
+            occurred_at=start + timedelta(days=DEMO_DAYS) - timedelta(minutes=1),
         ))
     calls.sort(key=lambda c: (c.occurred_at, c.event_id))
     return calls
 
 
-def bad_records(tenant: str) -> list[tuple[bytes, bytes]]:
+def bad_records(tenant: str, start: datetime) -> list[tuple[bytes, bytes]]:
     """Two records no producer should send: not JSON, and a negative token count."""
     key = f"{tenant}/mallory".encode()
+    at = (start + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return [(key, b"{not json"),
-            (key, b'{"type":"usage","event_id":"neg-1","tenant":"%s","user":"mallory","model":"gpt-4o-mini",'
-                  b'"input_tokens":-5,"output_tokens":10,"occurred_at":"2026-11-02T00:00:00Z"}' % tenant.encode())]
+            (key, b'{"type":"usage","event_id":"neg-%s","tenant":"%s","user":"mallory","model":"gpt-4o-mini",'
+                  b'"input_tokens":-5,"output_tokens":10,"occurred_at":"%s"}'
+                  % (start.strftime("%Y%m%d").encode(), tenant.encode(), at.encode()))]
 
 
 class DemoApi:
@@ -74,8 +90,8 @@ class DemoApi:
         self.http = httpx.Client(base_url=f"{base_url}/api/v1", headers={"Authorization": f"Bearer {key}"},
                                  timeout=30)
 
-    def configure(self) -> dict[str, str]:
-        """POST the plans guide's plans.json verbatim, then register every user on their plan."""
+    def configure(self, start: datetime) -> dict[str, str]:
+        """POST the plans guide's plans.json verbatim, then register every user on their plan from ``start``."""
         answer = self.http.post("/config/plans", content=PLANS_FILE.read_bytes(),
                                 headers={"Content-Type": "application/json"})
         answer.raise_for_status()
@@ -83,7 +99,7 @@ class DemoApi:
         plan_ids = {p["name"]: p["id"] for p in body["plans"]} | {d["name"]: d["id"] for d in body["duplicates"]}
         for user, (plan, _) in USERS.items():
             created = self.http.post("/users", json={"external_id": user, "plan_id": plan_ids[plan],
-                                                     "period_start": DEMO_START.isoformat()})
+                                                     "period_start": start.isoformat()})
             if created.status_code != 409:  # 409: registered by an earlier run
                 created.raise_for_status()
         return plan_ids

@@ -336,22 +336,23 @@ def format_report(con, tenant: str, label: str | None = None) -> str:  # type: i
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds to wait for processing.")
 def demo(timeout: float) -> None:
     """Configure plans and users through the API, publish usage, wait until processed, print the report."""
-    from ledger.cli.demo import DEMO_TENANT, DemoApi, bad_records, demo_usage
+    from ledger.cli.demo import DEMO_TENANT, DemoApi, bad_records, demo_start, demo_usage
     from projections.projector import connect
     from streams.progress import wait_caught_up
     from streams.publisher import UsagePublisher
 
     settings = _settings()
+    start = demo_start(datetime.now(UTC))
     tenant_id, key = _demo_tenant(settings, DEMO_TENANT)
-    plan_ids = DemoApi(settings.api_url, key).configure()
+    plan_ids = DemoApi(settings.api_url, key).configure(start)
     click.echo(f"tenant {DEMO_TENANT!r} ({tenant_id}); plans via the API: "
                + ", ".join(f"{name} {pid}" for name, pid in sorted(plan_ids.items())))
-    usage = demo_usage(tenant_id)
+    usage = demo_usage(tenant_id, start)
 
     async def go() -> int:
         async with UsagePublisher(settings) as publisher:
             sent = await publisher.publish(usage)
-            for record_key, value in bad_records(tenant_id):
+            for record_key, value in bad_records(tenant_id, start):
                 await publisher.publish_raw(record_key, value)
         await wait_caught_up(settings, settings.history_path, timeout)
         return sent + 2

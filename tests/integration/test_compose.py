@@ -37,7 +37,7 @@ def compose_command() -> list[str]:
         probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60)
         if probe.returncode == 0:
             return [docker, "compose"]
-    pytest.fail("no docker-compose binary on PATH: run `apt-get install docker-compose` (CI's .ci/run installs it)",
+    pytest.fail("no docker-compose binary on PATH: run `apt-get install docker-compose` (`make test` does as root)",
                 pytrace=False)
 
 

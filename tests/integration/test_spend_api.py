@@ -25,6 +25,8 @@ pytestmark = pytest.mark.integration
 
 USERS = ("ana", "bo", "cy")
 MODELS = ("gpt-4o", "gpt-4o-mini")
+# The API's clock: live spend is asked as of the workload's last day (in its December period), whatever today is.
+AS_OF = T0 + timedelta(days=45)
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def acme(settings, worker):  # type: ignore[no-untyped-def]
                        *sorted(calls, key=lambda c: c.occurred_at)])
     wait_processed(settings, worker)
     asyncio.run(Projector(settings).run(until_caught_up=True))
-    with TestClient(create_api(settings, store=store)) as client:
+    with TestClient(create_api(settings, store=store, clock=lambda: AS_OF)) as client:
         yield client, tenant, {"Authorization": f"Bearer {key}"}, {"Authorization": f"Bearer {other_key}"}
     store.dispose()
 

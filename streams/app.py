@@ -1,4 +1,5 @@
-"""The Faust app factory: the usage topic, the account table and the processor agent.
+"""The Faust app factory: the usage topic, the account table and the processor agent, and the
+partition ledger that applies records in offset order and owns each partition's position.
 
 No app exists at import time; ``create_app`` builds one for the given settings,
 so tests and several workers can each have their own.
@@ -145,7 +146,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         # is gone; 60 s (Faust's default) made every failover wait that long.
         broker_session_timeout=SESSION_TIMEOUT_S,
         broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
-        # The processor commits the durable position itself (see Ledger.commit); Faust's own commits
+        # The processor commits the durable position itself (PartitionLedger._commit); Faust's own commits
         # of acknowledged offsets would run ahead of it, and are only left for revocations.
         broker_commit_interval=FAUST_COMMIT_INTERVAL_S,
         broker_commit_every=FAUST_COMMIT_EVERY,

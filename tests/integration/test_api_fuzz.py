@@ -105,7 +105,7 @@ def _seed(schema: BaseSchema, auth: dict[str, str]) -> dict[str, list[str]]:
     users = [post("/users", {"external_id": USERS[0], "plan_id": plan_ids[0]}), post("/users", {"external_id": USERS[1]})]
     webhook_ids: list[str] = []
     if schema.find_operation_by_label(f"POST {PREFIX}/webhooks") is not None:
-        webhook_ids.append(post("/webhooks", {"url": "http://127.0.0.1:9/hooks"})["id"])
+        webhook_ids.append(post("/webhooks", {"url": "https://93.184.215.14/hooks"})["id"])
     return {"plan_id": plan_ids, "tier_id": tier_ids, "user_id": [u["id"] for u in users], "webhook_id": webhook_ids,
             "user": USERS, "name": ["daily"]}
 

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +22,8 @@ from typing import Any
 
 import faust
 import msgspec
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import ProducerFenced
 from faust.stores.memory import Store as MemoryStore
 from faust.tables.table import Table
 from prometheus_client import CollectorRegistry
@@ -32,10 +33,10 @@ from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode
 from streams.faust_consumer import RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
-from streams.processor import ALREADY_APPLIED, Batch, Record, UsageProcessor
+from streams.processor import ALREADY_APPLIED, RECORD_BYTES_MAX, Batch, Record, UsageProcessor
 from streams.publisher import CLOCK_KEY
 from streams.queries import QUERY_WAIT_S_MAX, query_decoder
-from streams.state import Position, partition_of, position_key
+from streams.state import Position, partition_of, position_key, tail_key
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,8 @@ class PartitionLedger:
         self._totals: Counter[str] = Counter()
         self._advanced = asyncio.Event()  # set (and replaced) whenever a position moves
         self._answering: set[asyncio.Task[None]] = set()
+        self._producers: dict[int, AIOKafkaProducer] = {}  # per owned partition: the fenced writer of its state
+        self._closing: set[asyncio.Task[None]] = set()
         self._last_log = time.monotonic()
 
     async def guarded(self, work: Awaitable[None]) -> None:
@@ -300,6 +303,11 @@ class PartitionLedger:
         """Revoked partitions start from their stored position if they ever come back."""
         self._revocations += 1
         for p in partitions:
+            producer = self._producers.pop(p, None)
+            if producer is not None:
+                task = asyncio.create_task(producer.stop())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             for owned in (self.expected, self.durable, self.committed):
                 owned.pop(p, None)
 
@@ -367,15 +375,10 @@ class PartitionLedger:
         # Outputs are durable before the state and position that say they happened: a
         # crash in between repeats them under the same ids, never loses them.
         await self._send_outputs(batch)
-        # The commit is a fence: the group refuses it from a worker that no longer owns the partition
-        # (a paused worker coming back), and then this batch's state must not reach the changelog.
-        if revocations != self._revocations or not await self._commit(
-                {p: self.durable.get(p, 0) for p in batch.next_offsets}, fence=True) or revocations != self._revocations:
+        if not await self._write_state(batch, revocations):
             self.metrics.fence_refused.inc()
-            log.warning("the group refused this worker's commit: dropping the state of a batch of %s records",
-                        len(records))
+            log.warning("partitions moved to another worker: dropping the state of a batch of %s records", len(records))
             return
-        await self._write_state(batch)
         self.expected.update(batch.next_offsets)
         self._advanced.set()
         self._advanced = asyncio.Event()
@@ -421,39 +424,66 @@ class PartitionLedger:
         if failing:
             raise RuntimeError("test hook: an output send failed mid-batch")
 
-    async def _write_state(self, batch: Batch) -> None:
-        """Send the batch's state then its positions (one producer, so in this order per partition); not awaited.
+    async def _write_state(self, batch: Batch, revocations: int) -> bool:
+        """Store the batch's state and positions, one transaction per partition; False if this worker was fenced.
 
-        A failed write stops the worker. Until then the next batch may run: its
-        outputs are sent before its own state, so nothing it says happened is lost.
+        Each usage partition's state is written by a transactional producer of its own
+        (``transactional.id`` names the partition), started before this worker's first
+        write to it. Starting one fences every older producer of that id: a paused
+        worker that comes back after its partitions moved can no longer write to them,
+        whatever it had queued. Within a transaction the order is accounts, plan
+        histories, position (see ``Batch.state_in_write_order``). After the commit, a
+        plain record (``"<p>:tail"``) follows, so that a partition never ends in a
+        transaction marker, which Faust's recovery would wait 5 s for.
         """
+        by_partition: dict[int, list[tuple[str, Any]]] = {}
         for key, value in batch.state_in_write_order():
-            p = partition_of(key)
-            fut = await self.app.producer.send(self.changelog, encode(key), batch.encoded[key], p, None, None)
-            self.table.data[key] = value
-            if isinstance(value, Position):
-                fut.add_done_callback(self._position_written(value))
-            elif isinstance(self.table.data, StandbyMemoryStore):
-                fut.add_done_callback(_note_written(self.table.data))
-            else:
-                fut.add_done_callback(_fail_on_error)
-
-    def _position_written(self, position: Position) -> Callable[[asyncio.Future[Any]], None]:
-        def done(fut: asyncio.Future[Any]) -> None:
-            _fail_on_error(fut)
-            p = position.partition
-            if p in self.expected:  # still ours
-                self.durable[p] = max(self.durable.get(p, 0), position.next_offset)
-            if isinstance(self.table.data, StandbyMemoryStore):
-                _note_written(self.table.data)(fut)
-        return done
-
-    async def _commit(self, offsets: dict[int, int], fence: bool = False) -> bool:
-        """Commit positions to the group (bounding what a restart re-reads); False if the group refused."""
-        assigned = self.assigned()
-        if fence and any(p not in assigned for p in offsets):
+            by_partition.setdefault(partition_of(key), []).append((key, value))
+        try:
+            written = await asyncio.gather(*(self._write_partition(p, batch, writes)
+                                             for p, writes in by_partition.items()))
+        except ProducerFenced:
             return False
-        todo = {assigned[p]: o for p, o in offsets.items() if p in assigned and (fence or self.committed.get(p) != o)}
+        except Exception:
+            if revocations != self._revocations:  # its producer was closed under it: the partition moved
+                return False
+            raise
+        if revocations != self._revocations:
+            return False
+        for writes, metadata in zip(by_partition.values(), written, strict=True):
+            for (key, value), meta in zip(writes, metadata, strict=True):
+                self.table.data[key] = value
+                if isinstance(self.table.data, StandbyMemoryStore):
+                    self.table.data.written(meta.partition, meta.offset)
+        for p in by_partition:
+            self.durable[p] = batch.next_offsets[p]
+        return True
+
+    async def _write_partition(self, p: int, batch: Batch, writes: list[tuple[str, Any]]) -> list[Any]:
+        producer = await self._fence(p)
+        async with producer.transaction():
+            sent = [await producer.send(self.changelog, batch.encoded[key], key=encode(key), partition=p)
+                    for key, _value in writes]
+            metadata = [await fut for fut in sent]
+        tail = encode(Position(partition=p, next_offset=batch.next_offsets[p]))
+        await (await self.app.producer.send(self.changelog, encode(tail_key(p)), tail, p, None, None))
+        return metadata
+
+    async def _fence(self, p: int) -> AIOKafkaProducer:
+        """This worker's transactional producer for partition ``p``; starting it fences older ones of that id."""
+        producer = self._producers.get(p)
+        if producer is None:
+            producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, acks="all", enable_idempotence=True,
+                                        transactional_id=f"{self.app.conf.id}-state-{p}", linger_ms=0,
+                                        max_request_size=RECORD_BYTES_MAX + 64 * 1024)
+            await producer.start()
+            self._producers[p] = producer
+        return producer
+
+    async def _commit(self, offsets: dict[int, int]) -> bool:
+        """Commit durable positions to the group (bounding what a restart re-reads); False if the group refused."""
+        assigned = self.assigned()
+        todo = {assigned[p]: o for p, o in offsets.items() if p in assigned and self.committed.get(p) != o}
         if not todo:
             return True
         try:
@@ -507,22 +537,6 @@ async def _send(app: faust.App, messages: Iterable[tuple[str, bytes | None, byte
     """
     return [await app.producer.send(topic, key, value, partition, None, None)
             for topic, key, value, partition in messages]
-
-
-def _note_written(store: StandbyMemoryStore) -> Callable[[asyncio.Future[Any]], None]:
-    def done(fut: asyncio.Future[Any]) -> None:
-        _fail_on_error(fut)
-        metadata = fut.result()
-        store.written(metadata.partition, metadata.offset)
-    return done
-
-
-def _fail_on_error(fut: asyncio.Future[Any]) -> None:
-    """A state write that failed stops the worker: the changelog must never fall behind what was acted on."""
-    if fut.cancelled() or fut.exception() is not None:
-        log.critical("writing the account changelog failed: %r; stopping the worker",
-                     None if fut.cancelled() else fut.exception())
-        _exit_now(70)
 
 
 def _exit_now(code: int) -> None:

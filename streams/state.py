@@ -34,6 +34,11 @@ def position_key(partition: int) -> str:
     return f"{partition}:pos"
 
 
+def tail_key(partition: int) -> str:
+    """A plain record after each transaction of state, so that a changelog partition never ends in a marker."""
+    return f"{partition}:tail"
+
+
 def partition_of(table_key: str) -> int:
     return int(table_key.split(":", 1)[0])
 

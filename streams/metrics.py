@@ -87,8 +87,8 @@ class WorkerMetrics:
         self.holes = Counter("ledger_offset_holes", "Times the records delivered skipped offsets past the position; "
                              "the missing offsets were fetched again and applied in order", registry=registry)
         self.refetched = Counter("ledger_offsets_refetched", "Records fetched again to fill a hole", registry=registry)
-        self.fence_refused = Counter("ledger_fence_refused", "Batches whose state was dropped because the group "
-                                     "refused this worker's commit (it no longer owned the partition)",
+        self.fence_refused = Counter("ledger_fence_refused", "Batches whose state was dropped because another "
+                                     "worker owns one of their partitions now (and fenced this one's producer)",
                                      registry=registry)
         # Pre-create the result labels so a scrape shows zeros rather than nothing.
         for result in ("ok", "duplicate", "conflict", "rejected", "already_applied"):

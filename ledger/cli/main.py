@@ -161,10 +161,11 @@ def down(keep_broker: bool) -> None:
 def status() -> None:
     """Which parts of the local stack run, and how far behind they are."""
     from ledger.cli import stack
+    from ledger.cli.where import reading_line
     from streams.progress import processor_lag, projector_lag
 
     settings = _settings()
-    click.echo(f"namespace {settings.namespace} on {settings.bootstrap}, home {settings.home}")
+    click.echo(f"{reading_line(settings)}; broker {settings.bootstrap}")
     for name, pid in stack.running(settings).items():
         click.echo(f"{name:<12} pid {pid}")
     # The processor commits its durable position (stored with its state), so this is what a restart re-reads.

@@ -107,7 +107,9 @@ def chart(kind: str, **data: Any) -> str:
 
 def stacked_days(rows: list[dict[str, Any]], title: str) -> str:
     """Spend per day and model as stacked daily bars: x = UTC midnights (seconds), one series per model."""
-    days = sorted({r["day"] for r in rows})
+    seen = sorted({r["day"] for r in rows})
+    # Every day from the first to the last: a day without usage is a gap in the bars, not a missing tick.
+    days = [seen[0] + timedelta(days=i) for i in range((seen[-1] - seen[0]).days + 1)] if seen else []
     models = sorted({r["model"] for r in rows})
     index = {d: i for i, d in enumerate(days)}
     values = {m: [0.0] * len(days) for m in models}

@@ -295,7 +295,7 @@ def test_a_user_crosses_a_soft_limit_live_without_a_reload(browser, stack):
         return [r for r in rows if "ana" in r.text and "model_tokens:gpt-4o-mini" in r.text]
 
     (row,) = wait_for(browser, soft_row, what="ana's soft warning arrived live")
-    assert "8500.00" in row.text and "10000.00" in row.text
+    assert "8,500" in row.text and "10,000" in row.text
     wait_for(browser, lambda d: "ana" in text_of(d, "#pressing"), what="the pressing list refreshed")
     assert browser.execute_script("return window.__sameDocument") == "yes", "the page reloaded"
     assert csp_violations(browser) == []

@@ -97,6 +97,7 @@ def share(value: Any) -> str:
 
 
 TEMPLATES.filters.update(amount=amount, tokens=tokens, when=when, percent=percent, share=share)
+TEMPLATES.globals.update(amount=amount, tokens=tokens)
 
 
 def chart(kind: str, **data: Any) -> str:

@@ -8,6 +8,11 @@
   var REFRESH_AFTER_MS = 700;
 
   function pad(n) { return (n < 10 ? "0" : "") + n; }
+  // Token counts arrive as decimal strings too ("8500.000000000000"): shown as whole numbers with separators.
+  function count(text) {
+    var whole = String(text).split(".")[0];
+    return whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  }
   function utcDay(seconds) {
     var d = new Date(seconds * 1000);
     return d.getUTCFullYear() + "-" + pad(d.getUTCMonth() + 1) + "-" + pad(d.getUTCDate());
@@ -134,8 +139,9 @@
     badge.textContent = gate.kind.replace(/_/g, " ");
     cell(row, badge);
     cell(row, gate.dimension + (gate.model ? ":" + gate.model : ""));
-    cell(row, amount(gate.used), "num");
-    cell(row, amount(gate.limit), "num");
+    var shown = gate.dimension === "model_tokens" ? count : amount;
+    cell(row, shown(gate.used), "num");
+    cell(row, shown(gate.limit), "num");
     tbody.insertBefore(row, tbody.firstChild);
     while (tbody.rows.length > LIVE_ROWS_MAX) { tbody.deleteRow(tbody.rows.length - 1); }
   }

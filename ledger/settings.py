@@ -36,9 +36,9 @@ class Settings:
     api_port: int = 18000
     # How often the leader worker writes a clock tick to every partition (0: never).
     tick_seconds: int = 60
-    # Webhook URLs may name loopback or private addresses (local stacks and tests need them). Production
-    # deployments set this to false so a tenant cannot make the delivery process call internal services (SSRF).
-    webhook_allow_private: bool = True
+    # Webhook URLs may name loopback or private addresses. False by default, so a tenant cannot make the
+    # delivery process call internal services (SSRF); `ledger up` and the tests that deliver to loopback opt in.
+    webhook_allow_private: bool = False
     # The first retry of a failed webhook delivery waits this long; each later one waits longer (see streams/webhooks.py).
     webhook_retry_first_s: int = 5
     # Workers that keep a warm copy of each table partition besides its owner (Faust's table_standby_replicas).
@@ -88,7 +88,7 @@ class Settings:
             price_overrides=Path(env["LEDGER_PRICE_OVERRIDES"]) if env.get("LEDGER_PRICE_OVERRIDES") else None,
             api_port=_int(env, "LEDGER_API_PORT", 18000),
             tick_seconds=_int(env, "LEDGER_TICK_SECONDS", 60),
-            webhook_allow_private=_bool(env, "LEDGER_WEBHOOK_ALLOW_PRIVATE", True),
+            webhook_allow_private=_bool(env, "LEDGER_WEBHOOK_ALLOW_PRIVATE", False),
             webhook_retry_first_s=_int(env, "LEDGER_WEBHOOK_RETRY_FIRST_S", 5),
             standby_replicas=_int(env, "LEDGER_STANDBY_REPLICAS", 1),
             metrics_port=_int(env, "LEDGER_METRICS_PORT", 0),

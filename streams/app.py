@@ -1,4 +1,5 @@
-"""The Faust app factory: the usage topic, the account table and the processor agent.
+"""The Faust app factory: the usage topic, the account table and the processor agent, and the
+partition ledger that applies records in offset order and owns each partition's position.
 
 No app exists at import time; ``create_app`` builds one for the given settings,
 so tests and several workers can each have their own.
@@ -7,6 +8,7 @@ so tests and several workers can each have their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import msgspec
 from aiokafka import AIOKafkaConsumer
 from faust.stores.memory import Store as MemoryStore
 from faust.tables.table import Table
@@ -31,6 +34,7 @@ from streams.faust_consumer import RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
 from streams.processor import ALREADY_APPLIED, Batch, Record, UsageProcessor
 from streams.publisher import CLOCK_KEY
+from streams.queries import QUERY_WAIT_S_MAX, query_decoder
 from streams.state import Position, partition_of, position_key
 from streams.topics import Topics
 
@@ -57,6 +61,7 @@ CATCH_UP_S = 1.0  # how often durable positions are committed and an idle partit
 CATCH_UP_IDLE_S = 5.0  # no delivery for this long while the log has more: fetch it ourselves
 COMMIT_TIMEOUT_S = 5.0
 REFETCH_POLL_MS = 500
+QUERIES_WAITING_MAX = 10_000  # the API's own bound on waiting requests
 
 
 class StandbyMemoryStore(MemoryStore):
@@ -145,7 +150,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         # is gone; 60 s (Faust's default) made every failover wait that long.
         broker_session_timeout=SESSION_TIMEOUT_S,
         broker_heartbeat_interval=HEARTBEAT_INTERVAL_S,
-        # The processor commits the durable position itself (see Ledger.commit); Faust's own commits
+        # The processor commits the durable position itself (PartitionLedger._commit); Faust's own commits
         # of acknowledged offsets would run ahead of it, and are only left for revocations.
         broker_commit_interval=FAUST_COMMIT_INTERVAL_S,
         broker_commit_every=FAUST_COMMIT_EVERY,
@@ -166,6 +171,14 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
             records = [Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
                        for e in events]
             await ledger.guarded(ledger.apply(records))
+
+    queries = app.topic(topics.queries, key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
+
+    @app.agent(queries, name="ledger-queries")
+    async def answer_queries(stream: faust.StreamT) -> None:
+        """Spend queries, answered from live state once their user's partition is applied far enough."""
+        async for event in stream.events():
+            ledger.answer_later(event.message.partition, event.message.value)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
@@ -262,6 +275,8 @@ class PartitionLedger:
         self._last_delivery = time.monotonic()
         self._refetcher: AIOKafkaConsumer | None = None
         self._totals: Counter[str] = Counter()
+        self._advanced = asyncio.Event()  # set (and replaced) whenever a position moves
+        self._answering: set[asyncio.Task[None]] = set()
         self._last_log = time.monotonic()
 
     async def guarded(self, work: Awaitable[None]) -> None:
@@ -362,7 +377,37 @@ class PartitionLedger:
             return
         await self._write_state(batch)
         self.expected.update(batch.next_offsets)
+        self._advanced.set()
+        self._advanced = asyncio.Event()
         self._count(batch, len(records), time.perf_counter() - started)
+
+    def answer_later(self, partition: int, raw: bytes | None) -> None:
+        """Answer a spend query in a task of its own: one waiting for its partition holds up no other."""
+        if len(self._answering) >= QUERIES_WAITING_MAX:
+            log.warning("%s spend queries wait already; dropping one (its asker gets a 504)", QUERIES_WAITING_MAX)
+            return
+        task = asyncio.create_task(self.guarded(self._answer(partition, raw or b"")))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, partition: int, raw: bytes) -> None:
+        try:
+            query = query_decoder.decode(raw)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring a malformed spend query in partition %s: %s", partition, exc)
+            return
+        deadline = time.monotonic() + QUERY_WAIT_S_MAX
+        while partition not in self.expected or self.expected[partition] < query.usage_offset:
+            if partition not in self.assigned() or time.monotonic() > deadline:
+                return  # not ours (any more), or not applied in time: the asker has given up
+            if partition not in self.expected and self.recovered():
+                self._start(partition)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), min(1.0, max(0.0, deadline - time.monotonic())))
+        reply = self.processor.answer(partition, query.query)
+        if reply is not None:
+            await (await self.app.producer.send(*reply, None, None, None))
 
     async def _send_outputs(self, batch: Batch) -> None:
         outputs = batch.outputs

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from ledger.account import Account, Decision, PlanHistory, Result, clone, decide
-from ledger.events import ClockTicked, PlanPublished, Rejection, user_key
+from ledger.events import ClockTicked, PlanPublished, Rejection, SpendQueried, user_key
 from streams.codecs import decode_command, encode
 from streams.state import Position, account_key, partition_of, plan_key, position_key
 from streams.topics import Topics
@@ -128,6 +128,18 @@ class UsageProcessor:
             batch.writes[position_key(p)] = Position(partition=p, next_offset=next_offset)
         batch.encoded = {key: encode(value) for key, value in batch.writes.items()}
         return batch
+
+    def answer(self, partition: int, query: SpendQueried) -> tuple[str, bytes, bytes] | None:
+        """A spend query's reply (topic, key, value) from the stored state; it changes nothing."""
+        account = self._read_state(account_key(partition, query.tenant, query.user))
+        try:
+            decision = decide(account, query, lambda tenant, plan_id: self._read_state(plan_key(partition, tenant, plan_id)))
+        except Exception:  # a bug in the core must not stop the worker; the asker gets a 504
+            log.exception("core failed on a spend query for %s/%s", query.tenant, query.user)
+            return None
+        if decision.reply is None:
+            return None
+        return self.topics.replies, decision.reply.request_id.encode(), encode(decision.reply)
 
     def read(self, batch: Batch, key: str) -> Any:
         """A value as this batch sees it: its own write, else a copy of the stored value that the fold may change."""

@@ -19,6 +19,8 @@ KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 # What an existing log topic must say: deleted by nothing, and never compacted (compaction keeps one record per key,
 # that is one event per user).
 KEPT_FOREVER = {**KEEP_FOREVER, "cleanup.policy": "delete"}
+# Spend queries are questions, not facts: kept an hour, long enough for any worker to answer them.
+TRANSIENT = {"retention.ms": str(3600 * 1000)}
 
 
 class TopicConfigError(RuntimeError):
@@ -32,6 +34,7 @@ class Topics:
     gates: str
     rejected: str
     replies: str
+    queries: str
 
     @classmethod
     def for_namespace(cls, namespace: str) -> Topics:
@@ -41,10 +44,11 @@ class Topics:
             gates=f"{namespace}.gates",
             rejected=f"{namespace}.rejected",
             replies=f"{namespace}.replies",
+            queries=f"{namespace}.queries",
         )
 
     def all(self) -> tuple[str, ...]:
-        return (self.usage, self.entries, self.gates, self.rejected, self.replies)
+        return (self.usage, self.entries, self.gates, self.rejected, self.replies, self.queries)
 
     def kept_forever(self) -> tuple[str, ...]:
         """The log, and the outputs a history rebuild reads from offset 0 (replies are transient)."""
@@ -59,7 +63,7 @@ async def ensure_topics(settings: Settings) -> Topics:
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, settings.partitions, 1, topic_configs=dict(KEEP_FOREVER))
+            NewTopic(name, settings.partitions, 1, topic_configs=dict(TRANSIENT if name == topics.queries else KEEP_FOREVER))
             for name in topics.all()
             if name not in existing
         ]

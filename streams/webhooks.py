@@ -9,57 +9,74 @@ dispatcher claims due rows with a lease, POSTs, and logs the outcome; a crash
 mid-attempt leaves the row due again when the lease ends. A receiver can
 therefore see an attempt twice: every attempt of a delivery carries the gate
 event's id as ``webhook-id``, which is what receivers deduplicate on.
+
+Tenants are isolated: each has at most TENANT_IN_FLIGHT_MAX attempts in flight, claims go round
+the tenants, and every attempt ends within ATTEMPT_TIMEOUT_S, so one tenant's slow or hanging
+endpoints only ever hold its own slots. A control-database error stops nothing: the step is
+retried with a bounded backoff (docs/webhooks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
+from typing import TypeVar
 
 import httpx
 import msgspec
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError
 from prometheus_client import CollectorRegistry
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ledger.control.store import ControlStore, DeliveryState, DueDelivery, Outbound
-from ledger.control.webhook_urls import UnsafeURL, check_url
+from ledger.control.webhook_urls import UnsafeURL, check_form
 from ledger.events import GateEvent
 from ledger.settings import Settings
 from ledger_sdk.webhooks import sign
 from streams.metrics import HealthServer, WebhookMetrics
 from streams.topics import Topics, ensure_topics
+from streams.webhook_transport import delivery_client, error_class
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ATTEMPTS_MAX = 10
 RETRY_FACTOR = 4              # 5 s, 20 s, 80 s, 5 min, 21 min, 85 min, 5.7 h, then every 6 h: about 19 h in all
 RETRY_DELAY_S_MAX = 6 * 3600
 RETRY_JITTER = 0.1            # +-10 %, so endpoints that failed together are not retried together
-ATTEMPT_TIMEOUT_S = 15.0      # the spec recommends 15 to 30 s
+# A whole attempt (resolve, connect, send, the answer's status line and headers) ends within this; connecting
+# and each read are bounded tighter (streams/webhook_transport.py). The spec recommends 15 to 30 s.
+ATTEMPT_TIMEOUT_S = 15.0
 ATTEMPT_LEASE_S = 60.0        # longer than any attempt: a claim outlives its attempt unless the process died
-IN_FLIGHT_MAX = 16
+IN_FLIGHT_MAX = 64
+# One tenant's attempts in flight: its hanging endpoints hold at most these slots, never another tenant's.
+TENANT_IN_FLIGHT_MAX = 8
+# Lookups run on a pool of their own (a slow name server holds a thread past its timeout), never the database's.
+RESOLVER_THREADS_MAX = 2 * IN_FLIGHT_MAX
 GATE_BATCH_MAX = 500
 POLL_TIMEOUT_MS = 500
 DISPATCH_IDLE_S = 1.0
-RESPONSE_EXCERPT_BYTES = 200
 RECORD_TRIES_MAX = 3
+# A control-database error (locked, unreachable) is retried after 0.5 s, 1 s, 2 s, ... at most DB_RETRY_S_MAX.
+DB_RETRY_FIRST_S = 0.5
+DB_RETRY_S_MAX = 10.0
 GONE_REASON = "the endpoint answered 410 Gone and was disabled; register it again to resume deliveries"
 # The delivery log keeps finished deliveries this long; pruned at most PRUNE_BATCH_MAX rows every PRUNE_EVERY_S.
 DELIVERY_LOG_RETENTION = timedelta(days=30)
 PRUNE_EVERY_S = 3600.0
 PRUNE_BATCH_MAX = 10_000
-USER_AGENT = "usage-ledger-webhooks/1"
 
 # Money as exact JSON numbers, as the API writes it.
 _encoder = msgspec.json.Encoder(decimal_format="number")
@@ -129,15 +146,17 @@ class WebhookDispatcher:
         self.clock = clock
         self._http = http
         self._wake = asyncio.Event()
+        self._database_failing = False  # the last control-database step failed: not ready until one succeeds
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read gate events and deliver them until ``stop`` is set; attempts under way are finished."""
         await ensure_topics(self.settings)
         async with contextlib.AsyncExitStack() as stack:
             if self._http is None:
-                # No redirects: a 3xx is a failure (the spec's advice), and a redirect could lead anywhere.
-                self._http = await stack.enter_async_context(httpx.AsyncClient(
-                    timeout=ATTEMPT_TIMEOUT_S, follow_redirects=False, headers={"user-agent": USER_AGENT}))
+                resolver = stack.enter_context(ThreadPoolExecutor(RESOLVER_THREADS_MAX, "webhook-dns"))
+                self._http = await stack.enter_async_context(delivery_client(
+                    allow_private=self.settings.webhook_allow_private, connections_max=IN_FLIGHT_MAX,
+                    executor=resolver))
             ingest = asyncio.create_task(self._ingest(stop))
             try:
                 await self._dispatch(stop, ingest)
@@ -156,13 +175,17 @@ class WebhookDispatcher:
         await consumer.start()
         try:
             while not stop.is_set():
-                self.metrics.health.beat(True, f"reading {topic} and delivering")
+                self.metrics.health.beat(not self._database_failing, "the control database is failing"
+                                         if self._database_failing else f"reading {topic} and delivering")
                 batch = await consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=GATE_BATCH_MAX)
                 if not batch:
                     continue
                 events = [e for records in batch.values() for r in records if r.value is not None
                           and (e := outbound(r.value, r.timestamp)) is not None]
-                added = await asyncio.to_thread(self._record, events)
+                # Until the batch is in the log its offsets stay uncommitted, however long the database is away.
+                added = await self._with_database("record a batch of gate events", self._record, events, stop=stop)
+                if added is None:
+                    break  # stopping: the batch is read again by whoever reads next
                 # Only now: every delivery of the batch is in the log, pending until it is delivered or given up.
                 try:
                     await consumer.commit()
@@ -178,6 +201,35 @@ class WebhookDispatcher:
                     self._wake.set()
         finally:
             await consumer.stop()
+
+    async def _with_database(self, what: str, step: Callable[..., T], *args: object,
+                             stop: asyncio.Event | None = None) -> T | None:
+        """``step(*args)`` in a thread, retried with a bounded backoff while the control database fails.
+
+        With ``stop``, retried until it succeeds or ``stop`` is set (then None); without, tried once (None on
+        failure), for steps the caller retries on its own schedule.
+        """
+        delay = DB_RETRY_FIRST_S
+        while True:
+            try:
+                result = await asyncio.to_thread(step, *args)
+            except SQLAlchemyError as exc:
+                self._database_failing = True
+                self.metrics.health.beat(False, f"the control database failed ({type(exc).__name__}); retrying")
+                first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if stop is None:
+                    log.warning("could not %s, the control database failed: %s; trying again later", what, first_line)
+                    return None
+                log.warning("could not %s, the control database failed: %s; retrying in %.1f s", what, first_line,
+                            delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return None
+                delay = min(delay * 2, DB_RETRY_S_MAX)
+            else:
+                self._database_failing = False
+                return result
 
     def _record(self, events: list[Outbound]) -> int:
         for _ in range(RECORD_TRIES_MAX - 1):
@@ -196,8 +248,8 @@ class WebhookDispatcher:
         if forgotten:
             log.info("forgot %d deliveries finished more than %s ago", forgotten, DELIVERY_LOG_RETENTION)
 
-    def _settle_and_claim(self, outcomes: list[Outcome], limit: int) -> list[DueDelivery]:
-        """Log finished attempts and claim the next due deliveries, in one unit of work."""
+    def _settle_and_claim(self, outcomes: list[Outcome], limit: int, busy: dict[str, int]) -> list[DueDelivery]:
+        """Log finished attempts and claim the next due deliveries (fair between tenants), in one unit of work."""
         now = self.clock()
         with self.store.session() as session:
             for o in outcomes:
@@ -206,7 +258,8 @@ class WebhookDispatcher:
                 if o.gone:
                     session.disable_webhook(o.due.webhook_id, GONE_REASON)
                     log.warning("webhook endpoint %s (%s) answered 410 Gone: disabled", o.due.webhook_id, o.due.url)
-            claimed = session.claim_due(now, now + timedelta(seconds=ATTEMPT_LEASE_S), limit) if limit > 0 else []
+            claimed = session.claim_due(now, now + timedelta(seconds=ATTEMPT_LEASE_S), limit,
+                                        tenant_limit=TENANT_IN_FLIGHT_MAX, busy=busy) if limit > 0 else []
         for o in outcomes:  # once the unit of work that logs them has committed
             self.metrics.attempts.labels(o.state.value).inc()
         return claimed
@@ -214,30 +267,47 @@ class WebhookDispatcher:
     async def _dispatch(self, stop: asyncio.Event, ingest: asyncio.Task[None]) -> None:
         # An attempt's outcome is logged with the next claim: until then a crash leaves its row leased,
         # so it is attempted again when the lease ends, as after a crash mid-attempt.
-        in_flight: set[asyncio.Task[Outcome]] = set()
+        in_flight: dict[asyncio.Task[Outcome], str] = {}  # each attempt and its tenant
         outcomes: list[Outcome] = []
 
         def finished() -> list[Outcome]:
-            done = {t for t in in_flight if t.done()}
-            in_flight.difference_update(done)
+            done = [t for t in in_flight if t.done()]
+            for t in done:
+                del in_flight[t]
             return [t.result() for t in done]
 
         pruned_at = -PRUNE_EVERY_S
+        claimed_at = -DISPATCH_IDLE_S
+        database_retry_at = 0.0
+        database_delay_s = DB_RETRY_FIRST_S
         try:
             while not stop.is_set():
                 if ingest.done():
                     ingest.result()  # the consumer failed: stop the process, so it is restarted
                 if time.monotonic() - pruned_at >= PRUNE_EVERY_S:
                     pruned_at = time.monotonic()
-                    await asyncio.to_thread(self._prune)
+                    await self._with_database("prune the delivery log", self._prune)
+                woken = self._wake.is_set()
                 self._wake.clear()
                 outcomes += finished()
                 free = IN_FLIGHT_MAX - len(in_flight)
-                # Log and refill when half the slots are free, so the unit of work (a commit) serves a batch.
-                if free * 2 >= IN_FLIGHT_MAX:
-                    claimed = await asyncio.to_thread(self._settle_and_claim, outcomes, free)
-                    outcomes = []
-                    in_flight.update(asyncio.create_task(self._attempt(due)) for due in claimed)
+                # Log and refill when half the slots are free, so the unit of work (a commit) serves a batch; and
+                # whenever new deliveries came in or a second went by, so no tenant waits on another's slots.
+                idle = time.monotonic() - claimed_at >= DISPATCH_IDLE_S
+                if free > 0 and (free * 2 >= IN_FLIGHT_MAX or woken or idle) \
+                        and time.monotonic() >= database_retry_at:
+                    busy = collections.Counter(in_flight.values())
+                    claimed = await self._with_database("log attempts and claim due deliveries",
+                                                        self._settle_and_claim, outcomes, free, dict(busy))
+                    claimed_at = time.monotonic()
+                    if claimed is None:  # the outcomes stay here, to be logged with the next claim
+                        database_retry_at = time.monotonic() + database_delay_s
+                        database_delay_s = min(database_delay_s * 2, DB_RETRY_S_MAX)
+                    else:
+                        database_delay_s = DB_RETRY_FIRST_S
+                        outcomes = []
+                        for due in claimed:
+                            in_flight[asyncio.create_task(self._attempt(due))] = due.tenant_id
                 waiters = {asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())}
                 await asyncio.wait({*waiters, ingest, *in_flight}, timeout=DISPATCH_IDLE_S,
                                    return_when=asyncio.FIRST_COMPLETED)
@@ -246,7 +316,12 @@ class WebhookDispatcher:
         finally:
             if in_flight:
                 await asyncio.wait(in_flight)
-            await asyncio.to_thread(self._settle_and_claim, outcomes + finished(), 0)
+            outcomes += finished()
+            for _ in range(RECORD_TRIES_MAX):  # a last try or three; unlogged attempts are made again later
+                if await self._with_database("log the last attempts", self._settle_and_claim, outcomes, 0, {}) \
+                        is not None:
+                    break
+                await asyncio.sleep(DB_RETRY_FIRST_S)
 
     async def _attempt(self, due: DueDelivery) -> Outcome:
         assert self._http is not None
@@ -259,22 +334,23 @@ class WebhookDispatcher:
         error: str | None = None
         retry_after_s = 0.0
         try:
-            # Checked before every attempt: what a name resolves to can change after registration.
-            await check_url(due.url, allow_private=self.settings.webhook_allow_private)
-            async with self._http.stream("POST", due.url, content=body, headers=headers) as response:
+            check_form(due.url)
+            # The addresses are resolved and checked where the connection is made (webhook_transport), so what is
+            # checked is what is called. The answer's body is never read: the log keeps its status only.
+            async with asyncio.timeout(ATTEMPT_TIMEOUT_S), \
+                    self._http.stream("POST", due.url, content=body, headers=headers) as response:
                 status = response.status_code
                 retry_after_s = retry_after(response.headers.get("retry-after"), at)
                 if not 200 <= status < 300:
-                    excerpt = b""
-                    async for chunk in response.aiter_bytes():
-                        excerpt += chunk
-                        if len(excerpt) >= RESPONSE_EXCERPT_BYTES:
-                            break
-                    error = f"HTTP {status}: {excerpt[:RESPONSE_EXCERPT_BYTES].decode(errors='replace')}"
+                    error = f"http_{status}"
         except UnsafeURL as exc:
-            error = str(exc)
+            error = error_class(exc)
+            detail = str(exc)
         except Exception as exc:  # whatever breaks one attempt (e.g. httpx.InvalidURL) fails that attempt only
-            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            error = error_class(exc)
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        else:
+            detail = error or ""
         attempt = due.attempts + 1
         if error is None:
             state, next_at = DeliveryState.delivered, None
@@ -285,8 +361,9 @@ class WebhookDispatcher:
             # A receiver that asks for more time (429, 503) gets it, up to the longest delay of the schedule.
             delay = max(delay, retry_after_s)
             state, next_at = DeliveryState.pending, self.clock() + timedelta(seconds=delay)
+        # The operator's log has the detail; the tenant's delivery log only the class (see ERROR_CLASSES).
         log.info("webhook %s to %s: attempt %d, %s%s", due.event_id, due.url, attempt, state.value,
-                 f" ({error})" if error else "")
+                 f" ({detail})" if error else "")
         return Outcome(due, state, at, status, error, next_at, gone=status == HTTPStatus.GONE)
 
 
@@ -295,7 +372,15 @@ def run_webhooks(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     store = ControlStore(settings.control_url)
-    store.create_schema()
+    delay = DB_RETRY_FIRST_S
+    while True:
+        try:
+            store.create_schema()
+            break
+        except SQLAlchemyError as exc:
+            log.warning("could not create the control schema (%s); retrying in %.1f s", type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, DB_RETRY_S_MAX)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -38,6 +38,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from streams.publisher import UsagePublisher
+        from streams.queries import QueryPublisher
         from streams.replies import ReplyWaiter
         from streams.topics import ensure_topics
 
@@ -45,6 +46,8 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
         replies = ReplyWaiter(settings)
         await replies.start()
         app.state.replies = replies
+        app.state.queries = QueryPublisher(settings)
+        await app.state.queries.start()
         try:
             if command_log is not None:
                 async with _relaying(app, command_log):
@@ -53,6 +56,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
                 async with UsagePublisher(settings) as publisher, _relaying(app, publisher):
                     yield
         finally:
+            await app.state.queries.stop()
             await replies.stop()
 
     @asynccontextmanager

@@ -1,4 +1,5 @@
-"""Asking the processor: a command into the user's partition, its answer from the replies topic."""
+"""Asking the processor: a check into the user's partition of the log, a spend query beside it; the answer
+comes from the replies topic."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ async def ask(request: Request, command: CheckRequested | SpendQueried, kind: ty
     except OverflowError as exc:
         raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
     try:
-        await state.log.publish([command])
+        if isinstance(command, SpendQueried):  # a read: beside the log, not in it (streams/queries.py)
+            await state.queries.publish(command)
+        else:
+            await state.log.publish([command])
         return await asyncio.wait_for(answer, ANSWER_TIMEOUT_S)
     except TimeoutError:
         raise HTTPException(504, f"the ledger did not answer within {ANSWER_TIMEOUT_S:.0f}s") from None

@@ -16,6 +16,9 @@ from pathlib import Path
 from ledger.settings import Settings
 
 STOP_TIMEOUT_S = 20.0
+# The local stack's settings where they differ from a deployment's; the environment still wins. Its webhooks
+# may call loopback and private addresses (a receiver on this machine): deployments refuse them by default.
+LOCAL_STACK_ENV = {"LEDGER_WEBHOOK_ALLOW_PRIVATE": "true"}
 # `ledger up` gives each process its own metrics port: the projector the API's port + 100, workers the ones after it.
 METRICS_PORT_OFFSET = 100
 
@@ -61,6 +64,12 @@ def running(settings: Settings) -> dict[str, int]:
     return out
 
 
+def process_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a stack process: the local stack's settings, then the caller's, then the stack's home."""
+    environ = dict(os.environ) if environ is None else environ
+    return {**LOCAL_STACK_ENV, **environ, "LEDGER_HOME": str(settings.home), "LEDGER_NAMESPACE": settings.namespace}
+
+
 def start(settings: Settings, name: str, args: list[str]) -> int:
     """Start ``ledger <args>`` in the background unless it already runs."""
     live = running(settings)
@@ -71,7 +80,7 @@ def start(settings: Settings, name: str, args: list[str]) -> int:
     proc = subprocess.Popen(
         [sys.executable, "-m", "ledger.cli.main", *args],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "LEDGER_HOME": str(settings.home), "LEDGER_NAMESPACE": settings.namespace},
+        env=process_env(settings),
     )
     (_run_dir(settings) / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql import Select
 
 from ledger.control import quotas
 from ledger.control.keys import ALL_SCOPES, Scope, digest, looks_like_key, matches, new_key, new_webhook_secret
@@ -290,6 +291,7 @@ class DueDelivery:
     secret: str
     payload: str
     attempts: int
+    tenant_id: str = ""
 
 
 class Conflict(Exception):
@@ -705,31 +707,62 @@ class ControlSession:
         self.db.flush()
         return added
 
-    def claim_due(self, now: datetime, lease_until: datetime, limit: int) -> list[DueDelivery]:
+    def claim_due(self, now: datetime, lease_until: datetime, limit: int, *, tenant_limit: int | None = None,
+                  busy: Mapping[str, int] | None = None) -> list[DueDelivery]:
         """Pending deliveries due by ``now``, each moved to ``lease_until`` so no other claimant takes it meanwhile.
 
         One UPDATE that re-checks the due time on every row it changes: a concurrent claimant that got
         a row first has moved it into the future, so the row is not claimed twice. A claimant that dies
         mid-attempt leaves the delivery due again when the lease ends.
+
+        With ``tenant_limit``, fair between tenants: no tenant gets more than ``tenant_limit`` less what it
+        has ``busy`` (attempts in flight), and the claim goes round the tenants (every tenant's oldest due
+        delivery, then every tenant's second, ...), so one tenant's backlog never queues another's.
         """
         pending = DeliveryState.pending.value
-        due = (select(DeliveryRow.webhook_id, DeliveryRow.event_id)
-               .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
-               .where(DeliveryRow.state == pending, DeliveryRow.next_attempt_at <= now, WebhookRow.enabled.is_(True))
-               .order_by(DeliveryRow.next_attempt_at).limit(limit))
+        is_due = (DeliveryRow.state == pending, DeliveryRow.next_attempt_at <= now, WebhookRow.enabled.is_(True))
+        due: Select[str, str] | list[tuple[str, str]]
+        if tenant_limit is None:
+            due = (select(DeliveryRow.webhook_id, DeliveryRow.event_id)
+                   .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id)
+                   .where(*is_due).order_by(DeliveryRow.next_attempt_at).limit(limit))
+        else:
+            busy = busy or {}
+            rank = func.row_number().over(partition_by=DeliveryRow.tenant_id,
+                                          order_by=(DeliveryRow.next_attempt_at, DeliveryRow.webhook_id,
+                                                    DeliveryRow.event_id)).label("rank")
+            ranked = (select(DeliveryRow.webhook_id, DeliveryRow.event_id, DeliveryRow.tenant_id,
+                             DeliveryRow.next_attempt_at, rank)
+                      .join(WebhookRow, WebhookRow.id == DeliveryRow.webhook_id).where(*is_due).subquery())
+            # Rows of busy tenants beyond their share are skipped below: fetch enough to fill ``limit`` anyway.
+            candidates = self.db.execute(
+                select(ranked.c.webhook_id, ranked.c.event_id, ranked.c.tenant_id).where(ranked.c.rank <= tenant_limit)
+                .order_by(ranked.c.rank, ranked.c.next_attempt_at).limit(limit + sum(busy.values()))).all()
+            taken: dict[str, int] = {}
+            chosen: list[tuple[str, str]] = []
+            for webhook_id, event_id, tenant_id in candidates:
+                if len(chosen) >= limit:
+                    break
+                if taken.get(tenant_id, 0) + busy.get(tenant_id, 0) < tenant_limit:
+                    taken[tenant_id] = taken.get(tenant_id, 0) + 1
+                    chosen.append((webhook_id, event_id))
+            if not chosen:
+                return []
+            due = chosen
         claimed = self.db.execute(
             update(DeliveryRow)
             .where(tuple_(DeliveryRow.webhook_id, DeliveryRow.event_id).in_(due),
                    DeliveryRow.state == pending, DeliveryRow.next_attempt_at <= now)
             .values(next_attempt_at=lease_until)
-            .returning(DeliveryRow.webhook_id, DeliveryRow.event_id, DeliveryRow.payload, DeliveryRow.attempts)
+            .returning(DeliveryRow.webhook_id, DeliveryRow.event_id, DeliveryRow.payload, DeliveryRow.attempts,
+                       DeliveryRow.tenant_id)
             .execution_options(synchronize_session=False)).all()
         if not claimed:
             return []
-        targets = {row.id: (row.url, row.secret) for row in self.db.execute(
+        targets = {r.id: (r.url, r.secret) for r in self.db.execute(
             select(WebhookRow.id, WebhookRow.url, WebhookRow.secret)
             .where(WebhookRow.id.in_({c.webhook_id for c in claimed})))}
-        return [DueDelivery(c.webhook_id, c.event_id, *targets[c.webhook_id], c.payload, c.attempts)
+        return [DueDelivery(c.webhook_id, c.event_id, *targets[c.webhook_id], c.payload, c.attempts, c.tenant_id)
                 for c in sorted(claimed, key=lambda c: (c.webhook_id, c.event_id))]
 
     def disable_webhook(self, webhook_id: str, reason: str) -> int:

@@ -461,6 +461,24 @@ def test_two_claimants_at_once_never_get_the_same_delivery(store: ControlStore) 
     assert set(everything) == {f"gate-{n}" for n in range(40)}
 
 
+def test_a_fair_claim_goes_round_the_tenants_and_leaves_a_busy_tenant_its_share_only(store: ControlStore) -> None:
+    a, _ = new_tenant(store, "acme")
+    b, _ = new_tenant(store, "globex")
+    with store.session() as db:
+        db.create_webhook(a, "https://a.example/1")
+        db.create_webhook(b, "https://b.example/1")
+        db.record_deliveries([gate(b, n) for n in range(30)], T_WEBHOOK)  # b's backlog came first
+        db.record_deliveries([Outbound(a, "gate-a", "{}", T_WEBHOOK)], T_WEBHOOK)
+    lease = T_WEBHOOK + timedelta(seconds=60)
+    with store.session() as db:
+        # b already has 2 of its 3 attempts in flight: it gets 1 more, and a's delivery is not queued behind b's.
+        claimed = db.claim_due(T_WEBHOOK, lease, 10, tenant_limit=3, busy={b: 2})
+    assert sorted(d.tenant_id for d in claimed) == sorted([a, b])
+    assert {d.event_id for d in claimed if d.tenant_id == a} == {"gate-a"}
+    with store.session() as db:  # free of in-flight attempts, b gets its share and no more
+        assert len(db.claim_due(T_WEBHOOK, lease, 10, tenant_limit=3, busy={})) == 3
+
+
 def test_attempts_are_logged_until_delivered_or_given_up(store: ControlStore) -> None:
     a, _ = new_tenant(store, "acme")
     with store.session() as db:

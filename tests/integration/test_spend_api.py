@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import random
 from collections import defaultdict
@@ -17,6 +18,8 @@ from ledger.api.app import create_api
 from ledger.control.store import ControlStore
 from ledger.pricing import price
 from projections.projector import Projector
+from streams.progress import end_offsets
+from streams.topics import Topics
 from tests.conftest import wait_processed
 from tests.factories import T0, assigned, published, seed_plans, usage
 from tests.kafka_io import publish
@@ -48,7 +51,9 @@ def acme(settings, worker):  # type: ignore[no-untyped-def]
                        *sorted(calls, key=lambda c: c.occurred_at)])
     wait_processed(settings, worker)
     asyncio.run(Projector(settings).run(until_caught_up=True))
-    with TestClient(create_api(settings, store=store, clock=lambda: AS_OF)) as client:
+    # A burst large enough for the thousand reads below, so that each of them reaches the ledger.
+    api_settings = dataclasses.replace(settings, rate_burst=10_000)
+    with TestClient(create_api(api_settings, store=store, clock=lambda: AS_OF)) as client:
         yield client, tenant, {"Authorization": f"Bearer {key}"}, {"Authorization": f"Bearer {other_key}"}
     store.dispose()
 
@@ -68,6 +73,16 @@ def test_live_spend_and_history_agree_to_the_last_unit(acme):
         assert period_limit["used"] == now["period_spend"] and period_limit["limit"] == Decimal(49)
         assert now["plan_name"] == "pro" and now["status"] in ("ok", "warning", "blocked")
         assert sum(r["calls"] for r in days) > 0
+
+
+def test_a_thousand_spend_reads_add_nothing_to_the_usage_log(acme, settings):
+    """Reads are not writes: the log is kept forever, and a dashboard polling spend must not grow it."""
+    client, _tenant, auth, _ = acme
+    usage_log = Topics.for_namespace(settings.namespace).usage
+    before = asyncio.run(end_offsets(settings, (usage_log,)))
+    answers = [client.get(f"/api/v1/spend/{USERS[n % len(USERS)]}", headers=auth) for n in range(1000)]
+    assert {a.status_code for a in answers} == {200}
+    assert asyncio.run(end_offsets(settings, (usage_log,))) == before
 
 
 def test_live_spend_includes_what_was_published_just_before_the_question(acme, settings):

@@ -88,12 +88,20 @@ def audit(settings: Settings, users: dict[str, str], events: list[UsageRecorded]
 
     changelog = f"{settings.namespace}-processor-accounts-changelog"
     accounts: dict[str, Account] = {}
+    stamps: dict[str, list[int]] = defaultdict(list)  # each user's applied_to, in changelog order
     for records in read_partitions(settings, changelog).values():
         for _key, value in records:
             if msgspec.json.decode(value).get("type") == "account":
                 account = msgspec.json.decode(value, type=Account)
                 accounts[account.user] = account
-    assert {u: a.period_spend for u, a in accounts.items()} == {u: o.spend_decimal for u, o in oracle.items()}
+                stamps[account.user].append(account.applied_to)
+    off = {u: (a.period_spend, oracle[u].spend_decimal) for u, a in accounts.items()
+           if u in oracle and a.period_spend != oracle[u].spend_decimal}
+    # A value written after a newer one of the same key (a stamp going down) is a late write from a stale owner.
+    stale = {u: s[-5:] for u, s in stamps.items() if any(b < a for a, b in zip(s, s[1:], strict=False))}
+    assert not off and accounts.keys() == oracle.keys(), (
+        f"{len(off)} account(s) off (stored, expected): {dict(list(off.items())[:5])}; "
+        f"missing {sorted(oracle.keys() - accounts.keys())[:5]}; stale writes (last stamps): {dict(list(stale.items())[:5])}")
     assert {u: dict(a.period_tokens) for u, a in accounts.items()} == {u: dict(o.tokens) for u, o in oracle.items()}
 
     # Entries: every event present; any repeat is the same bytes (same deterministic content).

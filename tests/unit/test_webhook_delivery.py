@@ -1,15 +1,20 @@
-"""The delivery process's pure parts: the retry schedule and the body of a delivery."""
+"""The delivery process's pure parts: the retry schedule, the body of a delivery, the error classes."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import httpx
 import msgspec
 import pytest
 
+from ledger.control.webhook_urls import Unresolvable, UnsafeURL
 from ledger.events import GateEvent
 from streams.codecs import encode
+from streams.webhook_transport import ERROR_CLASSES, error_class
 from streams.webhooks import (
     ATTEMPTS_MAX,
     RETRY_DELAY_S_MAX,
@@ -68,3 +73,31 @@ NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 ])
 def test_retry_after_is_read_as_seconds_or_a_date_and_bounded(header: str | None, seconds: float) -> None:
     assert retry_after(header, NOW) == seconds
+
+
+def _raised(exc: BaseException, cause: BaseException | None = None) -> BaseException:
+    try:
+        raise exc from cause
+    except BaseException as caught:  # noqa: BLE001 (building a chain to classify)
+        return caught
+
+
+@pytest.mark.parametrize(("exc", "expected"), [
+    (_raised(httpx.ConnectError("[Errno -2] Name or service not known"), socket.gaierror(-2, "unknown")),
+     "dns_error"),
+    (Unresolvable("url: the host 'x.invalid' does not resolve"), "dns_error"),
+    (UnsafeURL("url: the host 'x' resolves to a non-public address"), "unsafe_address"),
+    (_raised(httpx.ConnectError("[Errno 111] Connection refused to 10.0.0.7:5432"), ConnectionRefusedError(111, "x")),
+     "connect_refused"),
+    (_raised(httpx.ConnectError("handshake"), ssl.SSLError(1, "WRONG_VERSION_NUMBER")), "tls_error"),
+    (httpx.ReadTimeout("timed out"), "timeout"),
+    (TimeoutError(), "timeout"),
+    (httpx.ConnectError("All connection attempts failed"), "connect_error"),
+    (httpx.RemoteProtocolError("illegal status line"), "protocol_error"),
+    (httpx.ReadError("reset"), "network_error"),
+    (httpx.UnsupportedProtocol("no"), "invalid_url"),
+    (ValueError("a bug"), "internal_error"),
+])
+def test_a_failed_attempt_is_logged_as_a_short_class_without_its_message(exc: BaseException, expected: str) -> None:
+    assert error_class(exc) == expected
+    assert expected in ERROR_CLASSES

@@ -118,7 +118,14 @@ def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -
         name = f"{dimension}:{model}" if model else dimension
         hard, soft = plan.hard_gate_at * limit, plan.soft_gate_at * limit
         projected = used + estimate
-        if f"{dimension}:{model or ''}" in account.blocks or projected > hard:
+        block = account.blocks.get(f"{dimension}:{model or ''}")
+        if block is not None:
+            # Already blocked: say so (and since which gate), not what this call would add to it.
+            return Decision(result=Result.ok, account=account, gates=gates, reply=answer(
+                "block", f"user {command.user} is blocked on {name} since its hard block at {block.threshold} "
+                         f"of {block.limit} ({block.scope}, plan version {block.plan_version})",
+                dimension=name, cost=cost))
+        if projected > hard:
             return Decision(result=Result.ok, account=account, gates=gates, reply=answer(
                 "block", f"{name} would reach {projected} of its hard limit {hard}", dimension=name, cost=cost))
         if projected >= soft and warn is None:

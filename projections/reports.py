@@ -196,14 +196,50 @@ def _cursor_values(cursor: str, by: str) -> tuple[Any, ...]:
         raise ValueError(f"cursor {cursor[:40]!r} is not a cursor of a history grouped by {by}") from None
 
 
-def spend_by_day_and_model(con: duckdb.DuckDBPyConnection, tenant: str, *, start: datetime, end: datetime) -> Report:
+def spend_by_day_and_model(con: duckdb.DuckDBPyConnection, tenant: str, *, start: datetime, end: datetime,
+                           user: str | None = None) -> Report:
+    """Spend per UTC day and model, of the tenant or (``user``) of one of its users."""
     rows = con.execute(
         f"""SELECT {UTC_DAY_SQL} AS day, model, {_SUMS}
             FROM ledger_entries WHERE tenant = $tenant AND occurred_at >= $start AND occurred_at < $end
+              AND ($user IS NULL OR user_id = $user)
             GROUP BY ALL ORDER BY ALL""",
-        {"tenant": tenant, "start": start, "end": end},
+        {"tenant": tenant, "start": start, "end": end, "user": user},
     ).fetchall()
-    return Report(f"Spend by day and model, {_span(start, end)}", ("day", "model", *_SUM_COLUMNS), rows)
+    whose = f" of {user}" if user is not None else ""
+    return Report(f"Spend{whose} by day and model, {_span(start, end)}", ("day", "model", *_SUM_COLUMNS), rows)
+
+
+RECENT_ROWS_MAX = 200
+
+
+def recent_gates(con: duckdb.DuckDBPyConnection, tenant: str, *, limit: int = 20, user: str | None = None) -> Report:
+    """The newest gate events of the tenant (or of one user), newest first."""
+    if not 1 <= limit <= RECENT_ROWS_MAX:
+        raise ValueError(f"limit must be 1..{RECENT_ROWS_MAX}")
+    rows = con.execute(
+        """SELECT occurred_at, user_id, kind, dimension, model, used, "limit", scope, gate_id FROM gate_events
+           WHERE tenant = $tenant AND ($user IS NULL OR user_id = $user)
+           ORDER BY occurred_at DESC, gate_id DESC LIMIT $limit""",
+        {"tenant": tenant, "user": user, "limit": limit},
+    ).fetchall()
+    return Report("Newest gate events", ("occurred_at", "user", "kind", "dimension", "model", "used", "limit", "scope",
+                                         "gate_id"), rows)
+
+
+def recent_entries(con: duckdb.DuckDBPyConnection, tenant: str, user: str, *, limit: int = 20) -> Report:
+    """One user's newest ledger entries, newest first."""
+    if not 1 <= limit <= RECENT_ROWS_MAX:
+        raise ValueError(f"limit must be 1..{RECENT_ROWS_MAX}")
+    rows = con.execute(
+        """SELECT occurred_at, event_id, session_id, model, input_tokens, output_tokens, tool_calls, cost,
+                  plan_name, plan_version
+           FROM ledger_entries WHERE tenant = $tenant AND user_id = $user
+           ORDER BY occurred_at DESC, seq DESC LIMIT $limit""",
+        {"tenant": tenant, "user": user, "limit": limit},
+    ).fetchall()
+    return Report(f"Newest entries of {user}", ("occurred_at", "event_id", "session_id", "model", "input_tokens",
+                                                "output_tokens", "tool_calls", "cost", "plan", "plan_version"), rows)
 
 
 def top_users(con: duckdb.DuckDBPyConnection, tenant: str, *, start: datetime, end: datetime, limit: int = 10) -> Report:

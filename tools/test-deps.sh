@@ -1,6 +1,7 @@
 #!/bin/sh
 # What the tests need besides Python and the broker: docker-compose (test_compose.py validates the Compose file
-# offline, no engine) and PostgreSQL's server binaries (tests/pg.py starts a throwaway cluster). Installed with
+# offline, no engine), PostgreSQL's server binaries (tests/pg.py starts a throwaway cluster) and Debian's chromium
+# with its chromedriver (tests/integration/test_console_browser.py drives the console headless). Installed with
 # apt-get when missing and we are root; otherwise one line each says how to get them, and only the tests that
 # need them fail, each with a one-line message. Never fails itself: the test run decides.
 set -u
@@ -12,9 +13,12 @@ have_postgres() {
   [ -n "${LEDGER_TEST_DATABASE_URL:-}" ] || command -v initdb >/dev/null 2>&1 \
     || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
 }
+have_chromium() { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }
 have_compose || missing="$missing docker-compose"
 have_postgres || missing="$missing postgresql"
-[ -z "$missing" ] && exit 0
+have_chromium || missing="$missing chromium chromium-driver"
+[ -z "$missing" ] && have_chromium || echo "make test: no /usr/bin/chromium or /usr/bin/chromedriver: the console's browser tests will fail; get them with \`sudo apt-get install chromium chromium-driver\` (or \`sudo make test-deps\`)"
+exit 0
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "make test: installing$missing (apt-get)"
@@ -27,4 +31,5 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 fi
 have_compose || echo "make test: no docker-compose: the tests of tests/integration/test_compose.py will fail; get it with \`sudo apt-get install docker-compose\` (or \`sudo make test-deps\`)"
 have_postgres || echo "make test: no PostgreSQL server binaries: the control-plane store's postgresql tests will fail; get them with \`sudo apt-get install postgresql\` (or \`sudo make test-deps\`), or set LEDGER_TEST_DATABASE_URL"
+have_chromium || echo "make test: no /usr/bin/chromium or /usr/bin/chromedriver: the console's browser tests will fail; get them with \`sudo apt-get install chromium chromium-driver\` (or \`sudo make test-deps\`)"
 exit 0

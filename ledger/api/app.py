@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
-from ledger.api import calls, gates, health, plans, spend, tiers, usage, users, webhooks
+from ledger.api import calls, console, gates, health, plans, spend, tiers, usage, users, webhooks
 from ledger.api.ratelimit import TokenBuckets
 from ledger.api.wire import install_openapi
 from ledger.catalog import load_catalog
@@ -85,6 +85,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
         app.include_router(router, prefix="/api/v1")
     install_openapi(app)
     health.install(app)
+    console.install(app)  # the operator's console at /console
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> PlainJSONResponse:

@@ -80,19 +80,26 @@ def get_plan(plan_id: str, request: Request, who: Principal = Depends(require(Sc
               summary="Update some fields: a new immutable version; running sessions keep theirs")
 async def patch_plan(plan_id: str, request: Request, who: Principal = Depends(require(Scope.admin))) -> JSONResponse:
     patch = decode(await read_body(request), PlanPatch)
+    return JSONResponse(plan_document(await revise_plan(request, who.tenant_id, plan_id, patch)))
 
+
+async def revise_plan(request: Request, tenant_id: str, plan_id: str, patch: PlanPatch) -> Plan:
+    """Record the plan's next version and publish it (404 no plan, 422 a bad patch, 409 a full quota).
+
+    The PATCH route and the console's plan form both come here.
+    """
     def record(session: ControlSession) -> tuple[Plan, list[int]]:
-        session.lock_tenant(who.tenant_id)  # so two PATCHes of one plan make two versions, one after the other
-        current = session.plan(who.tenant_id, plan_id)
+        session.lock_tenant(tenant_id)  # so two PATCHes of one plan make two versions, one after the other
+        current = session.plan(tenant_id, plan_id)
         if current is None:
             raise HTTPException(404, f"no plan {plan_id}")
         try:
             plan = revise(current, patch)
         except PlanError as exc:
             raise HTTPException(422, str(exc)) from None
-        session.add_plan_version(who.tenant_id, plan)
-        return plan, enqueue(session, who.tenant_id, [plan_published(who.tenant_id, plan)])
+        session.add_plan_version(tenant_id, plan)
+        return plan, enqueue(session, tenant_id, [plan_published(tenant_id, plan)])
 
     plan, seqs = await unit_of_work(request, record)
     await published(request, seqs)
-    return JSONResponse(plan_document(plan))
+    return plan

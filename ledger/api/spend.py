@@ -35,19 +35,27 @@ To = Annotated[datetime | None, Query(alias="to", description=_RANGE)]
             responses={404: {"description": "The user has no plan (nothing is known about them)."}},
             summary="A user's live spend: this period, open sessions, per model, what is left of each limit")
 async def live_spend(user: str, request: Request, who: Principal = Depends(reader)) -> JSONResponse:
+    document = await live_spend_document(request, who.tenant_id, user)
+    if document is None:
+        raise HTTPException(404, f"user {user} has no plan")
+    return JSONResponse(document)
+
+
+async def live_spend_document(request: Request, tenant_id: str, user: str) -> dict[str, Any] | None:
+    """A user's live spend as the API shows it (None: the user has no plan); the console shows the same."""
     if "\x00" in user or len(user) > NAME_LENGTH_MAX:
         # No usage event can name such a user (and PostgreSQL text cannot hold NUL): nobody to ask about.
         raise HTTPException(404, f"no user {user[:NAME_LENGTH_MAX]!r}: ids are 1 to {NAME_LENGTH_MAX} characters "
                                  "without NUL")
     now = request.app.state.clock()
     answer = await ask(request, SpendQueried(event_id=str(uuid.uuid4()), request_id=str(uuid.uuid4()),
-                                             tenant=who.tenant_id, user=user, occurred_at=now), SpendAnswer)
+                                             tenant=tenant_id, user=user, occurred_at=now), SpendAnswer)
     if answer.status == "no_plan":
-        raise HTTPException(404, f"user {user} has no plan")
+        return None
     document: dict[str, Any] = msgspec.to_builtins(answer, builtin_types=(Decimal, datetime))
     for internal in ("request_id", "tenant", "schema_version"):
         document.pop(internal)
-    return JSONResponse(document)
+    return document
 
 
 @router.get("/spend/{user}/history", response_class=JSONResponse,
@@ -60,8 +68,8 @@ async def history(user: str, request: Request, who: Principal = Depends(reader),
                   ) -> JSONResponse:
     from projections.reports import user_history
 
-    page = await _query(request, lambda con: user_history(
-        con, who.tenant_id, user, by=group_by, limit=limit, after=cursor, **_range(start, end)))
+    page = await query_history(request, lambda con: user_history(
+        con, who.tenant_id, user, by=group_by, limit=limit, after=cursor, **history_range(start, end)))
     return JSONResponse({"rows": page.dicts(), "next_cursor": page.next_cursor})
 
 
@@ -72,24 +80,31 @@ async def report(name: Literal["daily", "top", "gates", "limits", "margins"], re
                  who: Principal = Depends(reader), start: From = None, end: To = None,
                  limit: Annotated[int, Query(ge=1, le=HISTORY_PAGE_MAX, description="top: how many users")] = 10,
                  ) -> JSONResponse:
-    from projections import reports
-
-    span = _range(start, end)
-    queries: dict[str, Callable[[Any], Any]] = {
-        "daily": lambda con: reports.spend_by_day_and_model(con, who.tenant_id, **span),
-        "top": lambda con: reports.top_users(con, who.tenant_id, limit=limit, **span),
-        "gates": lambda con: reports.gates_by_kind(con, who.tenant_id, **span),
-        "limits": lambda con: reports.limits_reached(con, who.tenant_id, **span),
-    }
-    if name == "margins":
-        with request.app.state.store.session() as session:
-            tiers = [tier for _id, _plan, tier in session.tiers(who.tenant_id)]
-        queries["margins"] = lambda con: reports.tier_margins(con, who.tenant_id, tiers, **span)
-    found = await _query(request, queries[name])
+    found = await run_report(request, who.tenant_id, name, history_range(start, end), limit=limit)
     return JSONResponse({"title": found.title, "rows": found.dicts()})
 
 
-def _range(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
+REPORT_NAMES = ("daily", "top", "gates", "limits", "margins")
+
+
+async def run_report(request: Request, tenant_id: str, name: str, span: dict[str, datetime], *, limit: int = 10) -> Any:
+    """One of the tenant reports over ``span`` (from :func:`history_range`); the console shows the same."""
+    from projections import reports
+
+    queries: dict[str, Callable[[Any], Any]] = {
+        "daily": lambda con: reports.spend_by_day_and_model(con, tenant_id, **span),
+        "top": lambda con: reports.top_users(con, tenant_id, limit=limit, **span),
+        "gates": lambda con: reports.gates_by_kind(con, tenant_id, **span),
+        "limits": lambda con: reports.limits_reached(con, tenant_id, **span),
+    }
+    if name == "margins":
+        with request.app.state.store.session() as session:
+            tiers = [tier for _id, _plan, tier in session.tiers(tenant_id)]
+        queries["margins"] = lambda con: reports.tier_margins(con, tenant_id, tiers, **span)
+    return await query_history(request, queries[name])
+
+
+def history_range(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
     for name, value in (("from", start), ("to", end)):
         if value is not None and value.utcoffset() is None:
             raise HTTPException(422, f"{name}: give a time zone (e.g. 2026-11-01T00:00:00Z)")
@@ -98,7 +113,7 @@ def _range(start: datetime | None, end: datetime | None) -> dict[str, datetime]:
     return span(start, end)
 
 
-async def _query(request: Request, run: Callable[[Any], Any]) -> Any:
+async def query_history(request: Request, run: Callable[[Any], Any]) -> Any:
     """Run a report on a read-only connection in a worker thread (DuckDB blocks)."""
     from projections.reports import open_history
 

@@ -2,11 +2,13 @@
 
 Bodies are decoded straight into the core's types (decimals from the JSON
 text, never through a float); responses write decimals as JSON numbers, as
-the plans guide shows them. The OpenAPI document gets each body's JSON Schema.
+the plans guide shows them, always in plain notation (never ``0E-12``). The
+OpenAPI document gets each body's JSON Schema.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import msgspec
@@ -19,11 +21,26 @@ BODY_BYTES_MAX = 1024 * 1024
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
 
+def plain_decimals(value: Any) -> Any:
+    """``value`` with every Decimal that Python would write in exponent notation (``0E-12``, ``1.5E-7``) as
+    the same number in plain notation (``0.000000000000``), digit for digit."""
+    if isinstance(value, Decimal):
+        text = str(value)
+        return msgspec.Raw(format(value, "f").encode()) if "E" in text and value.is_finite() else value
+    if isinstance(value, dict):
+        return {k: plain_decimals(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain_decimals(v) for v in value]
+    return value
+
+
 class JSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return _encoder.encode(content)
+        encoded = _encoder.encode(content)
+        # Cheap test first: only a body with an "E" somewhere can hold an amount in exponent notation.
+        return _encoder.encode(plain_decimals(content)) if b"E" in encoded else encoded
 
 
 async def read_body(request: Request) -> bytes:

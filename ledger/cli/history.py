@@ -55,8 +55,11 @@ def _tenant_id(settings: Settings, tenant: str) -> str:
 
 @contextmanager
 def _history(settings: Settings) -> Iterator[Any]:
+    from ledger.cli.where import reading_line
     from projections.reports import open_history
 
+    # On standard error, so a CSV or JSON report on standard output stays clean.
+    click.echo(f"{reading_line(settings)}; history {settings.history_path}", err=True)
     if not settings.history_path.exists():
         raise click.ClickException(f"no history file at {settings.history_path}: run the projector "
                                    "(`ledger up` or `ledger projector`) or `ledger projections rebuild`")
@@ -243,11 +246,12 @@ def chart_command(kind: str, tenant: str, start: datetime | None, end: datetime 
     settings = _settings()
     tenant_id = _tenant_id(settings, tenant)
     with _history(settings) as con:
+        label = tenant if tenant != tenant_id else None  # the tenant's name when one was given
         if kind == "spend":
-            spend_over_time(con, tenant_id, output, **_range(start, end))
+            spend_over_time(con, tenant_id, output, label=label, **_range(start, end))
         else:
             utilisation_histogram(con, tenant_id, _load_limits(settings, tenant_id, plans_file), output,
-                                  **_range(start, end))
+                                  label=label, **_range(start, end))
     click.echo(f"wrote {output}")
 
 

@@ -161,10 +161,11 @@ def down(keep_broker: bool) -> None:
 def status() -> None:
     """Which parts of the local stack run, and how far behind they are."""
     from ledger.cli import stack
+    from ledger.cli.where import reading_line
     from streams.progress import processor_lag, projector_lag
 
     settings = _settings()
-    click.echo(f"namespace {settings.namespace} on {settings.bootstrap}, home {settings.home}")
+    click.echo(f"{reading_line(settings)}; broker {settings.bootstrap}")
     for name, pid in stack.running(settings).items():
         click.echo(f"{name:<12} pid {pid}")
     # The processor commits its durable position (stored with its state), so this is what a restart re-reads.
@@ -361,6 +362,36 @@ def demo(timeout: float) -> None:
     click.echo(f"published {sent} usage records; processed and projected into {settings.history_path}\n")
     with connect(settings.history_path, read_only=True) as con:
         click.echo(format_report(con, tenant_id, DEMO_TENANT))
+    read_key = _demo_read_key(settings, tenant_id)
+    click.echo(f"\nconsole: {settings.api_url}/console (the demo's users, their gates and charts)")
+    click.echo(f"read key (sign in with it; also in {settings.home / DEMO_READ_KEY_FILE}): {read_key}")
+    click.echo(f"admin key (to edit plans and see webhooks): in {settings.home / 'demo.key'}")
+
+
+DEMO_READ_KEY_FILE = "demo-read.key"
+
+
+def _demo_read_key(settings: Settings, tenant_id: str) -> str:
+    """A read-scope key of the demo tenant for the console, kept in <home>/demo-read.key (mode 600) between runs."""
+    from ledger.control.keys import Scope
+    from ledger.control.store import ControlStore
+
+    key_file = settings.home / DEMO_READ_KEY_FILE
+    store = ControlStore(settings.control_url)
+    try:
+        with store.session() as session:
+            if key_file.exists():
+                kept = key_file.read_text().strip()
+                found = session.authenticate(kept)
+                if found is not None and found.tenant_id == tenant_id:
+                    return kept
+            key = session.create_key(tenant_id, frozenset({Scope.read}), label="demo console")
+    finally:
+        store.dispose()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(key)
+    return key
 
 
 def _demo_tenant(settings: Settings, name: str) -> tuple[str, str]:

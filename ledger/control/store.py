@@ -385,6 +385,20 @@ class ControlSession:
         return Principal(row.tenant_id, tenant_name, row.id, frozenset(Scope(s) for s in row.scopes.split(",") if s),
                          requests_per_s, burst)
 
+    def principal(self, key_id: str) -> Principal | None:
+        """The principal of a key by its id, while the key is not revoked (the console's sessions re-check it)."""
+        found = self.db.execute(
+            select(ApiKeyRow, TenantRow.name, TenantLimitsRow.requests_per_s, TenantLimitsRow.burst)
+            .join(TenantRow, TenantRow.id == ApiKeyRow.tenant_id)
+            .outerjoin(TenantLimitsRow, TenantLimitsRow.tenant_id == ApiKeyRow.tenant_id)
+            .where(ApiKeyRow.id == key_id)
+        ).first()
+        if found is None or found[0].revoked_at is not None:
+            return None
+        row, tenant_name, requests_per_s, burst = found
+        return Principal(row.tenant_id, tenant_name, row.id, frozenset(Scope(s) for s in row.scopes.split(",") if s),
+                         requests_per_s, burst)
+
     def set_rate(self, tenant_id: str, requests_per_s: int | None, burst: int | None) -> None:
         """The tenant's own request rate per key and burst (None: back to the settings' default)."""
         for name, value in (("requests_per_s", requests_per_s), ("burst", burst)):
@@ -493,6 +507,13 @@ class ControlSession:
         )
         return [_plan_decoder.decode(body) for body in rows]
 
+    def plan_versions(self, tenant_id: str, plan_id: str) -> list[tuple[Plan, datetime]]:
+        """Every version of one plan of the tenant, oldest first, with when it was recorded."""
+        rows = self.db.execute(
+            select(PlanVersionRow.body, PlanVersionRow.created_at).join(PlanRow, PlanRow.id == PlanVersionRow.plan_id)
+            .where(PlanRow.tenant_id == tenant_id, PlanRow.id == plan_id).order_by(PlanVersionRow.version))
+        return [(_plan_decoder.decode(body), _utc(created) or created) for body, created in rows]
+
     def plan(self, tenant_id: str, plan_id: str, *, for_update: bool = False) -> Plan | None:
         if "\x00" in plan_id:  # PostgreSQL text cannot hold NUL, so no row has it
             return None
@@ -560,6 +581,16 @@ class ControlSession:
             return None
         row = self.db.scalar(select(UserRow).where(UserRow.tenant_id == tenant_id, UserRow.id == user_id))
         return None if row is None else _user(row)
+
+    def users(self, tenant_id: str, *, search: str = "", offset: int = 0, limit: int = 20) -> tuple[list[User], int]:
+        """One page of the tenant's users by external id (those containing ``search``), and how many match."""
+        query = select(UserRow).where(UserRow.tenant_id == tenant_id)
+        if search:
+            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            query = query.where(func.lower(UserRow.external_id).like(pattern.lower(), escape="\\"))
+        total = self.db.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = self.db.scalars(query.order_by(UserRow.external_id).offset(offset).limit(limit))
+        return [_user(row) for row in rows], total
 
     def set_subscription(self, tenant_id: str, user_id: str, plan_id: str, period_start: datetime) -> User:
         row = self.db.scalar(select(UserRow).where(UserRow.tenant_id == tenant_id, UserRow.id == user_id))

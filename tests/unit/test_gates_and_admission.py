@@ -149,6 +149,22 @@ def test_a_non_reserving_check_holds_nothing_and_a_blocked_user_is_refused():
     assert (answer.decision, answer.dimension) == ("block", "period_spend")
 
 
+def test_a_blocked_user_is_told_they_are_blocked_and_since_which_gate_not_what_the_call_would_reach():
+    led = ledger_with(TINY)
+    ok(led.apply(assigned("u", TINY)))
+    for n in range(4):  # 4 x 0.25 = 1.00: the hard block at the limit
+        ok(led.apply(usage("u", n, model="m", input_tokens=25_000, output_tokens=0)))
+    answer = ok(led.apply(check("u", 2, tokens=2_000, reserve=False, at=T0 + timedelta(minutes=10)))).reply
+    assert answer.decision == "block" and answer.dimension == "period_spend"
+    assert answer.reason.startswith("user u is blocked on period_spend since its hard block at 1.00")
+    assert "would reach" not in answer.reason
+    # A user who is not blocked yet still hears what the call would bring them to.
+    fresh = ledger_with(TINY)
+    ok(fresh.apply(assigned("v", TINY)))
+    over = ok(fresh.apply(check("v", 3, tokens=200_000, reserve=False))).reply
+    assert over.decision == "block" and "would reach 2.000000000000 of its hard limit 1.00" in over.reason
+
+
 @pytest.mark.parametrize("user, model, reason", [
     ("nobody", "m", "no plan"),
     ("u", "gpt-4o", "not allowed"),

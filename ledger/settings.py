@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LOCAL_BROKER_PORT = 19092
@@ -13,6 +13,8 @@ STANDBY_REPLICAS_MAX = 8
 PORT_MAX = 65535
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 WEBHOOK_RETRY_FIRST_S_MAX = 3600
+GATE_STREAMS_PER_TENANT_MAX = 32  # the API's bound on all its streams (ledger.api.gates.STREAMS_MAX)
+CURSOR_SECRET_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class SettingsError(ValueError):
@@ -45,6 +47,10 @@ class Settings:
     # The worker's or projector's /metrics, /healthz and /readyz (0: no server). The API serves them on its own port.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # Open gate streams (SSE) one tenant may hold on one API process; more answer 429.
+    gate_streams_per_tenant: int = 4
+    # 32 bytes as hex that seal the gate stream's cursors; None: a key kept in <home>/gate-cursor.key.
+    cursor_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -62,6 +68,12 @@ class Settings:
         if not 0 <= self.standby_replicas <= STANDBY_REPLICAS_MAX:
             raise SettingsError(f"LEDGER_STANDBY_REPLICAS must be between 0 and {STANDBY_REPLICAS_MAX}, "
                                 f"got {self.standby_replicas}")
+
+        if not 1 <= self.gate_streams_per_tenant <= GATE_STREAMS_PER_TENANT_MAX:
+            raise SettingsError(f"LEDGER_GATE_STREAMS_PER_TENANT must be between 1 and {GATE_STREAMS_PER_TENANT_MAX}, "
+                                f"got {self.gate_streams_per_tenant}")
+        if self.cursor_secret is not None and not CURSOR_SECRET_PATTERN.match(self.cursor_secret):
+            raise SettingsError("LEDGER_CURSOR_SECRET must be 64 hex digits (32 bytes)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +96,8 @@ class Settings:
             standby_replicas=_int(env, "LEDGER_STANDBY_REPLICAS", 1),
             metrics_port=_int(env, "LEDGER_METRICS_PORT", 0),
             metrics_host=env.get("LEDGER_METRICS_HOST", "127.0.0.1"),
+            gate_streams_per_tenant=_int(env, "LEDGER_GATE_STREAMS_PER_TENANT", 4),
+            cursor_secret=env.get("LEDGER_CURSOR_SECRET") or None,
         )
 
     @property

@@ -9,7 +9,7 @@ strings.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -30,8 +30,31 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_LENGTH_MAX)]
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=TOKENS_PER_EVENT_MAX)]
 ToolCalls = Annotated[int, msgspec.Meta(ge=0, le=TOOL_CALLS_PER_EVENT_MAX)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+# Every time a command may carry lies in [TIMESTAMP_MIN, TIMESTAMP_MAX): far enough out for any real
+# subscription, near enough that period arithmetic (a trial, then a year, then the next) never leaves
+# datetime's range (year 9999), and the span the history's open-ended queries cover. No clock is read: the
+# bound is fixed. See docs/security.md.
+TIMESTAMP_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TIMESTAMP_MAX = datetime(2100, 1, 1, tzinfo=UTC)
 
 DEFAULT_SESSION = "default"
+
+
+def timestamp_problem(name: str, value: datetime | None) -> str | None:
+    """Why ``value`` cannot be a command's time, or None; naive times are refused by the type before this."""
+    if value is None or value.utcoffset() is None:
+        return None
+    if not TIMESTAMP_MIN <= value < TIMESTAMP_MAX:
+        return (f"{name}: {value.isoformat()} is outside the times the ledger accepts, "
+                f"[{TIMESTAMP_MIN.isoformat()}, {TIMESTAMP_MAX.isoformat()})")
+    return None
+
+
+def _check_times(**times: datetime | None) -> None:
+    for name, value in times.items():
+        problem = timestamp_problem(name, value)
+        if problem is not None:
+            raise ValueError(problem)  # msgspec makes it a ValidationError when decoding: a dead letter
 
 
 class Command(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, forbid_unknown_fields=True):
@@ -41,6 +64,9 @@ class Command(msgspec.Struct, frozen=True, tag_field="type", kw_only=True, forbi
     tenant: Tenant
     occurred_at: Timestamp
     schema_version: Literal[1] = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_times(occurred_at=self.occurred_at)
 
 
 class UsageRecorded(Command, frozen=True, tag="usage"):
@@ -62,6 +88,9 @@ class PlanAssigned(Command, frozen=True, tag="plan_assigned"):
     user: Name
     plan_id: Name
     period_start: Timestamp
+
+    def __post_init__(self) -> None:
+        _check_times(occurred_at=self.occurred_at, period_start=self.period_start)
 
 
 class ToppedUp(Command, frozen=True, tag="topped_up"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LOCAL_BROKER_PORT = 19092
@@ -14,6 +14,8 @@ PORT_MAX = 65535
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 WEBHOOK_RETRY_FIRST_S_MAX = 3600
 RATE_SETTING_MAX = 1_000_000
+GATE_STREAMS_PER_TENANT_MAX = 32  # the API's bound on all its streams (ledger.api.gates.STREAMS_MAX)
+CURSOR_SECRET_PATTERN = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class SettingsError(ValueError):
@@ -50,6 +52,10 @@ class Settings:
     # own values (`ledger tenants rate`) win. Generous by default: the benchmarks drive one key at 200/s.
     rate_per_key_per_s: int = 250
     rate_burst: int = 500
+    # Open gate streams (SSE) one tenant may hold on one API process; more answer 429.
+    gate_streams_per_tenant: int = 4
+    # 32 bytes as hex that seal the gate stream's cursors; None: a key kept in <home>/gate-cursor.key.
+    cursor_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.match(self.namespace):
@@ -71,6 +77,12 @@ class Settings:
         if not 0 <= self.standby_replicas <= STANDBY_REPLICAS_MAX:
             raise SettingsError(f"LEDGER_STANDBY_REPLICAS must be between 0 and {STANDBY_REPLICAS_MAX}, "
                                 f"got {self.standby_replicas}")
+
+        if not 1 <= self.gate_streams_per_tenant <= GATE_STREAMS_PER_TENANT_MAX:
+            raise SettingsError(f"LEDGER_GATE_STREAMS_PER_TENANT must be between 1 and {GATE_STREAMS_PER_TENANT_MAX}, "
+                                f"got {self.gate_streams_per_tenant}")
+        if self.cursor_secret is not None and not CURSOR_SECRET_PATTERN.match(self.cursor_secret):
+            raise SettingsError("LEDGER_CURSOR_SECRET must be 64 hex digits (32 bytes)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +107,8 @@ class Settings:
             metrics_host=env.get("LEDGER_METRICS_HOST", "127.0.0.1"),
             rate_per_key_per_s=_int(env, "LEDGER_RATE_PER_KEY_PER_S", 250),
             rate_burst=_int(env, "LEDGER_RATE_BURST", 500),
+            gate_streams_per_tenant=_int(env, "LEDGER_GATE_STREAMS_PER_TENANT", 4),
+            cursor_secret=env.get("LEDGER_CURSOR_SECRET") or None,
         )
 
     @property

@@ -10,13 +10,14 @@ import binascii
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
 
+from ledger.events import TIMESTAMP_MAX, TIMESTAMP_MIN
 from ledger.money import MONEY_CONTEXT, money
 from ledger.plans import Plan
 from ledger.tiers import Tier, margin
@@ -88,8 +89,7 @@ def render_table(headers: list[str], rows: list[list[str]]) -> str:
 
 HISTORY_ROWS_MAX = 10_000
 # The range a query covers when it leaves an end open.
-ALL_TIME_START = datetime(1970, 1, 1, tzinfo=UTC)
-ALL_TIME_END = datetime(2100, 1, 1, tzinfo=UTC)
+ALL_TIME_START, ALL_TIME_END = TIMESTAMP_MIN, TIMESTAMP_MAX  # every time a command may carry
 TOP_USERS_MAX = 1_000
 
 HistoryGrouping = Literal["day", "model", "session", "plan_version"]
@@ -178,21 +178,40 @@ def _plain(value: Any) -> Any:
     return value.isoformat() if isinstance(value, date) else value
 
 
+CURSOR_TEXT_LENGTH_MAX = 1024  # a key of a cursor: a model, session or plan name (128 characters each at most)
+CURSOR_INT_MAX = 2 ** 31 - 1  # plan_version is an INTEGER column
+
+
+def _cursor_text(value: Any) -> str:
+    """A text key: a str that UTF-8 can hold (no lone surrogates), of bounded length."""
+    if not isinstance(value, str) or len(value) > CURSOR_TEXT_LENGTH_MAX:
+        raise ValueError
+    value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate, which DuckDB refuses
+    return value
+
+
 def _cursor_values(cursor: str, by: str) -> tuple[Any, ...]:
-    """The keys a cursor holds, typed for the grouping; ValueError for anything else."""
+    """The keys a cursor holds, typed for the grouping; ValueError for anything else.
+
+    A cursor comes back from the client, so it is hostile input: nesting (RecursionError), integers DuckDB's
+    columns cannot hold and strings UTF-8 cannot encode are all "not a cursor", never a query.
+    """
     try:
         found = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(found, list) or found[0] != by or len(found) != len(_HISTORY_KEYS[by][0]) + 1:
             raise ValueError
         values = found[1:]
         if by == "day":
-            return (date.fromisoformat(values[0]),)
+            return (date.fromisoformat(_cursor_text(values[0])),)
         if by == "model":
-            return (str(values[0]),)
+            return (_cursor_text(values[0]),)
         if by == "session":
-            return str(values[0]), datetime.fromisoformat(values[1])
-        return str(values[0]), int(values[1])
-    except (ValueError, TypeError, IndexError, OverflowError, binascii.Error, UnicodeDecodeError):
+            return _cursor_text(values[0]), datetime.fromisoformat(_cursor_text(values[1]))
+        version = values[1]
+        if type(version) is not int or not 0 <= version <= CURSOR_INT_MAX:
+            raise ValueError
+        return _cursor_text(values[0]), version
+    except (ValueError, TypeError, IndexError, OverflowError, RecursionError, binascii.Error, UnicodeDecodeError):
         raise ValueError(f"cursor {cursor[:40]!r} is not a cursor of a history grouped by {by}") from None
 
 

@@ -13,7 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as PlainJSONResponse
 
-from ledger.api import calls, console, gates, health, plans, spend, tiers, usage, users, webhooks
+from ledger.api import calls, console, docs, gates, health, plans, spend, tiers, usage, users, webhooks
+from ledger.api.headers import SecurityHeaders, security_headers
 from ledger.api.ratelimit import TokenBuckets
 from ledger.api.wire import install_openapi
 from ledger.catalog import load_catalog
@@ -72,20 +73,25 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
             with contextlib.suppress(asyncio.CancelledError):
                 await relaying
 
-    app = FastAPI(title="usage-ledger", version="1", lifespan=lifespan,
+    # /docs is ours (ledger/api/docs.py): Swagger UI from the package, not from a CDN; no ReDoc.
+    app = FastAPI(title="usage-ledger", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Priced LLM usage, gate events and spend history per end user.")
     app.state.store = store
     app.state.settings = settings
     app.state.clock = clock
     app.state.catalog = load_catalog(overrides=settings.price_overrides)
-    app.state.gate_streams = gates.StreamSlots()
+    app.state.gate_streams = gates.StreamSlots(per_tenant=settings.gate_streams_per_tenant)
+    app.state.gate_cursors = gates.CursorSeal(gates.cursor_key(settings), settings.namespace)
     app.state.rate_limits = TokenBuckets()
     for router in (calls.router, gates.router, plans.router, spend.router, tiers.router, usage.router, users.router,
                    webhooks.router):
         app.include_router(router, prefix="/api/v1")
     install_openapi(app)
+    docs.install(app)
     health.install(app)
     console.install(app)  # the operator's console at /console
+    gates.observe(app.state.gate_streams, app.state.metrics.registry)
+    app.add_middleware(SecurityHeaders)  # added last: the outermost, so every answer gets the headers
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> PlainJSONResponse:
@@ -97,6 +103,8 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
     async def crashed(request: Request, exc: Exception) -> PlainJSONResponse:
         # No stack traces in responses; the log has it.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return PlainJSONResponse({"detail": "internal error"}, status_code=500)
+        # This answer is made outside the middlewares, so it gets the security headers here.
+        return PlainJSONResponse({"detail": "internal error"}, status_code=500,
+                                 headers=security_headers(request.url.path))
 
     return app

@@ -10,14 +10,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ledger.control.keys import Scope
 from ledger.control.store import ControlStore, Principal
 
-_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer pg_live_...`")
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer pg_live_...`")
 
 
 def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+async def principal(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
     # async: a one-row indexed lookup is cheaper on the event loop than a trip through the thread pool,
     # which queued every request behind the pool's 40 threads at 200 requests/s.
     if credentials is None:

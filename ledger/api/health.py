@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ledger.control.store import ControlStore
 from ledger.settings import Settings
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 3.0
 REQUEST_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OPERATIONAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The label values a client cannot invent: HTTP's methods (RFC 9110, and PATCH), else OTHER.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+OTHER = "other"
+ROUTE_LABEL_LENGTH_MAX = 200
 
 router = APIRouter(include_in_schema=False)
 
@@ -43,28 +47,48 @@ def install(app: FastAPI) -> None:
     metrics = ApiMetrics(CollectorRegistry())
     app.state.metrics = metrics
     app.include_router(router)
+    app.add_middleware(MeasureRequests, metrics=metrics)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if request.url.path in OPERATIONAL_PATHS:
-            return await call_next(request)
+
+class MeasureRequests:
+    """Counts and times each request by method, route template and status; every label from a closed set.
+
+    A client chooses the method and the path, so neither is a label as sent: a method outside
+    ``KNOWN_METHODS`` counts as ``other``, and a path as the template of the route it matched (a template
+    is written in the code), ``other`` when it matched none. Pure ASGI, so a stream's end is seen as is.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPERATIONAL_PATHS:
+            await self.app(scope, receive, send)
+            return
         started, status = time.perf_counter(), "500"  # an exception here becomes a plain 500 further out
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = str(response.status_code)
-            return response
+            await self.app(scope, receive, sending)
         finally:
-            route = _route_template(request)
-            metrics.requests.labels(request.method, route, status).inc()
-            metrics.seconds.labels(request.method, route).observe(time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER
+            route = _route_template(scope)
+            self.metrics.requests.labels(method, route, status).inc()
+            self.metrics.seconds.labels(method, route).observe(time.perf_counter() - started)
 
 
-def _route_template(request: Request) -> str:
+def _route_template(scope: Scope) -> str:
     """The matched route's template (``/users/{user_id}``), not the path: ids would make a series each.
 
     It is the route as its router declares it, without the ``/api/v1`` prefix it is included under.
     """
-    return getattr(request.scope.get("route"), "path", "unmatched")
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) and len(path) <= ROUTE_LABEL_LENGTH_MAX else OTHER
 
 
 @router.get("/healthz")

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.api.auth import require
 from ledger.api.db import published, unit_of_work
-from ledger.api.wire import JSONResponse, read_body
+from ledger.api.wire import JSON_DEPTH_MAX, JSONResponse, depth_problem, read_body
 from ledger.control.config import TierRecord, create_tiers
 from ledger.control.keys import Scope
 from ledger.control.store import ControlSession, Principal
@@ -37,6 +37,9 @@ def tier_document(record: TierRecord) -> dict[str, Any]:
 
 
 def _parse(body: bytes, content_type: str) -> list[Tier]:
+    problem = depth_problem(body)  # YAML's flow style nests with the same brackets
+    if problem is not None:
+        raise HTTPException(422, problem)
     try:
         if content_type.split(";")[0].strip() in YAML_TYPES:
             return parse_tiers_yaml(body.decode("utf-8"))
@@ -44,6 +47,8 @@ def _parse(body: bytes, content_type: str) -> list[Tier]:
         return [parse_tier(item, where=f"tiers[{i}]") for i, item in enumerate(raw if isinstance(raw, list) else [raw])]
     except (TierError, UnicodeDecodeError, yaml.YAMLError, msgspec.DecodeError) as exc:
         raise HTTPException(422, str(exc)) from None
+    except RecursionError:  # YAML's block style nests by indentation, which the bracket count does not see
+        raise HTTPException(422, f"body nests too deep; at most {JSON_DEPTH_MAX} levels are accepted") from None
 
 
 @router.post("", response_class=JSONResponse, summary="Create tiers from the guide's YAML (or JSON); each gets a plan",

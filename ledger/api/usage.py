@@ -17,11 +17,12 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 
 from ledger.api.auth import require
 from ledger.api.db import unit_of_work
-from ledger.api.wire import BODY_BYTES_MAX, JSONResponse, body_schema, read_body
+from ledger.api.wire import BODY_BYTES_MAX, JSON_DEPTH_MAX, JSONResponse, body_schema, depth_problem, read_body
 from ledger.control.keys import Scope
 from ledger.control.store import Principal
 from ledger.events import (
     DEFAULT_SESSION,
+    EVENT_ID_LENGTH_MAX,
     TOOLS_PER_EVENT_MAX,
     EventId,
     Name,
@@ -29,6 +30,7 @@ from ledger.events import (
     Tokens,
     ToolCalls,
     UsageRecorded,
+    timestamp_problem,
 )
 
 router = APIRouter(tags=["usage"])
@@ -47,7 +49,13 @@ class UsageIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     tools: Annotated[dict[Name, ToolCalls], msgspec.Meta(max_length=TOOLS_PER_EVENT_MAX)] = {}
     reservation_id: EventId | None = None
     occurred_at: Annotated[Timestamp | None, msgspec.Meta(
-        description="When the call happened; the API's clock when absent (send it, so a retry is identical).")] = None
+        description="When the call happened; the API's clock when absent (send it, so a retry is identical). "
+                    "From 1970 to 2099 (ledger.events.TIMESTAMP_MIN, TIMESTAMP_MAX).")] = None
+
+    def __post_init__(self) -> None:
+        problem = timestamp_problem("occurred_at", self.occurred_at)
+        if problem is not None:
+            raise ValueError(problem)
 
 
 class UsageBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -63,11 +71,14 @@ class Outcome(msgspec.Struct, frozen=True):
 _raw_batch = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _raw_events = msgspec.json.Decoder(list[msgspec.Raw])
 _event = msgspec.json.Decoder(UsageIn)
-_loose = msgspec.json.Decoder(dict[str, Any])
 
 
 def _split(body: bytes) -> tuple[list[msgspec.Raw], bool]:
-    """The events of a body (a batch or one event) as raw JSON, and whether it was a batch."""
+    """The events of a body (a batch or one event) as raw JSON, and whether it was a batch.
+
+    Each event of a batch is judged on its own, its nesting depth too; only a body nested so deep that even
+    splitting it would exhaust the stack is refused whole.
+    """
     try:
         fields = _raw_batch.decode(body)
         if set(fields) != {"events"}:
@@ -75,17 +86,38 @@ def _split(body: bytes) -> tuple[list[msgspec.Raw], bool]:
         events = _raw_events.decode(fields["events"])
     except msgspec.DecodeError as exc:
         raise HTTPException(422, f"body must be a usage event or {{\"events\": [...]}}: {exc}") from None
+    except RecursionError:
+        raise HTTPException(422, f"body nests arrays or objects too deep to read; at most {JSON_DEPTH_MAX} levels "
+                                 "are accepted") from None
     if not 1 <= len(events) <= EVENTS_PER_REQUEST_MAX:
         raise HTTPException(422, f"events: send between 1 and {EVENTS_PER_REQUEST_MAX} events, got {len(events)}")
     return events, True
 
 
+class _EventIdOnly(msgspec.Struct):
+    event_id: str | None = None
+
+
+_event_id_only = msgspec.json.Decoder(_EventIdOnly)
+
+
 def _event_id_of(raw: msgspec.Raw) -> str | None:
+    """The event id of an event that is invalid, to name it in its outcome (None if it has no readable one)."""
     try:
-        value = _loose.decode(raw).get("event_id")
-    except msgspec.DecodeError:
+        value = _event_id_only.decode(raw).event_id
+    except (msgspec.DecodeError, RecursionError):
         return None
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and len(value) <= EVENT_ID_LENGTH_MAX else None
+
+
+def _decode_event(raw: msgspec.Raw) -> UsageIn:
+    problem = depth_problem(bytes(raw), "event")
+    if problem is not None:
+        raise msgspec.ValidationError(problem)
+    try:
+        return _event.decode(raw)
+    except RecursionError:  # the depth check above makes this unreachable; kept as the last line of defence
+        raise msgspec.ValidationError(f"event nests deeper than {JSON_DEPTH_MAX} levels") from None
 
 
 def _digest(event: UsageIn) -> str:
@@ -107,7 +139,7 @@ async def record_usage(request: Request, who: Principal = Depends(require(Scope.
     valid: list[tuple[int, UsageIn]] = []
     for n, raw in enumerate(raws):
         try:
-            valid.append((n, _event.decode(raw)))
+            valid.append((n, _decode_event(raw)))
         except msgspec.DecodeError as exc:
             if not batch:  # one event, invalid: the request itself is wrong
                 raise HTTPException(422, str(exc)) from None

@@ -15,21 +15,38 @@ from ledger.api.wire import JSONResponse, body_schema, decode, read_body
 from ledger.control.keys import Scope
 from ledger.control.outbox import enqueue
 from ledger.control.store import Conflict, ControlSession, LimitExceeded, Principal, User
-from ledger.events import Name, PlanAssigned
+from ledger.events import Name, PlanAssigned, timestamp_problem
 
 router = APIRouter(prefix="/users", tags=["users"])
+
+
+PeriodStart = Annotated[datetime, msgspec.Meta(tz=True, description="From 1970 to 2099; now when absent.")]
+
+
+def _check_period_start(value: datetime | None) -> None:
+    # Bounded here and in the PlanAssigned command: a start of 9999-12-31 once made the processor compute year
+    # 10000, and every later question about the user timed out.
+    problem = timestamp_problem("period_start", value)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 class NewUser(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     external_id: Annotated[Name, msgspec.Meta(pattern=r"^[^\x00]*$",
                                               description="Your id for the end user; usage events carry it as `user`.")]
     plan_id: str | None = None
-    period_start: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    period_start: PeriodStart | None = None
+
+    def __post_init__(self) -> None:
+        _check_period_start(self.period_start)
 
 
 class Subscription(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     plan_id: str
-    period_start: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    period_start: PeriodStart | None = None
+
+    def __post_init__(self) -> None:
+        _check_period_start(self.period_start)
 
 
 def user_document(user: User) -> dict[str, Any]:

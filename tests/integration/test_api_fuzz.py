@@ -15,7 +15,9 @@ which pytest 9.2 no longer has), so each operation's strategy is driven by Hypot
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from schemathesis.python import asgi
 from schemathesis.specs.openapi.checks import content_type_conformance
 
 from ledger.api.app import create_api
+from ledger.api.wire import JSON_DEPTH_MAX
 from ledger.control.store import ControlStore
 from ledger.settings import Settings
 
@@ -60,6 +63,23 @@ DECIMAL_FIELDS = ["soft_gate_at", "hard_gate_at", "markup", "session_timeout_min
                   "max_spend_per_session", "amount"]
 EDGE_TIMES = ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"]
 MODELS = ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4-5"]
+# Integers no column or counter holds: past int32, int64 and uint64, in both directions.
+HUGE_INTEGERS = [2 ** 31, 2 ** 63, 2 ** 64 + 1, -(2 ** 63) - 1, 10 ** 40]
+INTEGER_FIELDS = ["input_tokens", "output_tokens", "ttl_seconds", "trial_days"]
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+
+
+# History cursors a client may forge: nesting deeper than the parser's stack (unclosed, to fit 2048 characters),
+# integers past every column, lone surrogates, the wrong types.
+HOSTILE_CURSORS = [_b64("[" * 1_500), _b64(f'["plan_version", "p", {2 ** 70}]'), _b64('["model", "\\ud800"]'),
+                   _b64('["session", "\\udfff", "2026-01-01T00:00:00+00:00"]'), _b64('["day", {"a": 1}]'),
+                   _b64(f'["plan_version", "p", {-(2 ** 63) - 1}]')]
+# How deep a value of a fuzzed body is nested: just past the bound, past the decoders' stack, and far past it.
+NESTING_DEPTHS = [JSON_DEPTH_MAX + 1, 1_200, 100_000]
+DEEP_MAX_EXAMPLES = 15
 USERS = ["fuzz-subscribed", "fuzz-plain"]
 
 # Statuses routes answer on purpose that the OpenAPI document does not list. Besides these, any operation may
@@ -137,14 +157,20 @@ def load(seeded: Seeded) -> BaseSchema:
     dictionaries: dict[str, Any] = {
         "awkward": {"values": AWKWARD_STRINGS}, "edge_times": {"values": EDGE_TIMES},
         "edge_decimals": {"values": EDGE_DECIMALS}, "plan_ids": {"values": [*seeded.ids["plan_id"], "a\x00b"]},
-        "users": {"values": USERS}, "models": {"values": MODELS}}
+        "users": {"values": USERS}, "models": {"values": MODELS}, "huge_integers": {"values": HUGE_INTEGERS},
+        "hostile_cursors": {"values": HOSTILE_CURSORS}}
     parameters: dict[str, Any] = {
         "body.external_id": {"dictionary": "awkward", "probability": 0.2},
         "body.plans[*].name": {"dictionary": "awkward", "probability": 0.2},
         "body.period_start": {"dictionary": "edge_times", "probability": 0.3},
         "body.plan_id": {"dictionary": "plan_ids", "probability": 0.5},
         "body.user": {"dictionary": "users", "probability": 0.5},
-        "body.model": {"dictionary": "models", "probability": 0.5}}
+        "body.model": {"dictionary": "models", "probability": 0.5},
+        "query.cursor": {"dictionary": "hostile_cursors", "probability": 0.5},
+        "query.limit": {"dictionary": "huge_integers", "probability": 0.2}}
+    for field in INTEGER_FIELDS:
+        for key in (f"body.{field}", f"body.plans[*].{field}", f"body.events[*].{field}"):
+            parameters[key] = {"dictionary": "huge_integers", "probability": 0.2}
     for field in DECIMAL_FIELDS:
         for key in (f"body.{field}", f"body.plans[*].{field}"):
             parameters[key] = {"dictionary": "edge_decimals", "probability": 0.1}
@@ -162,10 +188,14 @@ def load(seeded: Seeded) -> BaseSchema:
     return schemathesis.openapi.from_asgi("/openapi.json", seeded.app, config=config)
 
 
-def fuzz(schema: BaseSchema, test: Callable[[Case], None], *, max_examples: int,
+def fuzz(schema: BaseSchema, test: Callable[..., None], *, max_examples: int,
          only: Callable[[APIOperation], bool] = lambda _: True,
-         path_parameters: Callable[[APIOperation], dict[str, str] | None] = lambda _: None) -> None:
-    """Run ``test`` on positive and negative cases of every operation; report all the operations that fail."""
+         path_parameters: Callable[[APIOperation], dict[str, str] | None] = lambda _: None,
+         extra: st.SearchStrategy[tuple[Any, ...]] = st.just(())) -> None:
+    """Run ``test`` on positive and negative cases of every operation; report all the operations that fail.
+
+    ``test`` gets the case and the values ``extra`` draws for it.
+    """
     failures: list[str] = []
     operations = [op for op in (result.ok() for result in schema.get_all_operations()) if only(op)]
     assert operations, "no operation to test"
@@ -179,15 +209,35 @@ def fuzz(schema: BaseSchema, test: Callable[[Case], None], *, max_examples: int,
         @hypothesis.settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
                              phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate], print_blob=False,
                              suppress_health_check=list(hypothesis.HealthCheck))
-        @hypothesis.given(case=strategy)
-        def run(case: Case) -> None:
-            test(case)
+        @hypothesis.given(case=strategy, more=extra)
+        def run(case: Case, more: tuple[Any, ...]) -> None:
+            test(case, *more)
 
         try:
             run()
         except Exception as exc:  # every operation runs; all failures are reported together
             failures.append(f"{operation.label}:\n{describe(exc)}")
     assert not failures, "\n\n".join(failures)
+
+
+_DEEP = "\x00deep\x00"
+
+
+def deepen(body: Any, depth: int, descend: int) -> bytes | None:
+    """``body`` as JSON with one value replaced by arrays nested ``depth`` deep: the value reached by taking the
+    first member ``descend`` times (an event of a batch, a plan's field), or None for a body with no member."""
+    if not isinstance(body, dict | list) or not body:
+        return None
+    document = json.loads(json.dumps(body))
+    holder, key = document, next(iter(document)) if isinstance(document, dict) else 0
+    for _ in range(descend):
+        inner = holder[key]
+        if not isinstance(inner, dict | list) or not inner:
+            break
+        holder, key = inner, next(iter(inner)) if isinstance(inner, dict) else 0
+    holder[key] = _DEEP
+    text = json.dumps(document)
+    return text.replace(json.dumps(_DEEP), "[" * depth + "]" * depth, 1).encode()
 
 
 def describe(exc: BaseException) -> str:
@@ -249,6 +299,36 @@ def test_no_request_gets_a_server_error(seeded: Seeded, worker) -> None:  # type
                                headers=seeded.auth)
 
     fuzz(schema, test, max_examples=MAX_EXAMPLES, only=lambda op: op.label not in STREAMING)
+
+
+def test_deeply_nested_bodies_get_no_server_error(seeded: Seeded) -> None:
+    """Every body's value nested past the bound, past the decoders' stack and far past it: a 4xx, never a 5xx.
+
+    Schemathesis generates the case; the body it would send is then nested and sent as raw JSON (its own
+    serializer would recurse, too). None of these reach the processor, so no worker is needed.
+    """
+    schema = load(seeded)
+    headers = {**seeded.auth, "Content-Type": "application/json"}
+    sent: dict[str, int] = {}
+
+    def test(case: Case, depth: int, descend: int) -> None:
+        raw = deepen(case.body, depth, descend)
+        if raw is None:
+            return
+        sent[case.operation.label] = sent.get(case.operation.label, 0) + 1
+        try:
+            response = case.call(headers=headers, data=raw)
+        except Exception as exc:
+            raise AssertionError(f"the app crashed with {type(exc).__name__} on a body nested {depth} deep") from exc
+        assert response.status_code < 500, (case.operation.label, depth, descend, response.status_code,
+                                             response.text[:300])
+        case.validate_response(response, checks=[documented_status], headers=headers)
+
+    fuzz(schema, test, max_examples=DEEP_MAX_EXAMPLES,
+         only=lambda op: op.label not in STREAMING and bool(list(op.body)),
+         extra=st.tuples(st.sampled_from(NESTING_DEPTHS), st.integers(0, 3)))
+    print(f"\ndeeply nested bodies sent, per operation: {sent}")
+    assert len(sent) >= 8 and min(sent.values()) >= 3, sent  # every operation with a JSON body got some
 
 
 def test_an_id_with_a_nul_is_not_found_rather_than_a_crash(seeded: Seeded) -> None:

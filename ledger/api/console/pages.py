@@ -662,6 +662,7 @@ async def webhooks_page(request: Request, signed: Signed = Depends(signed_in)) -
 @router.get("/gates/stream")
 async def gate_stream(request: Request, signed: Signed = Depends(signed_in)) -> StreamingResponse:
     """The API's SSE gate stream of the session's tenant (EventSource cannot send a bearer key)."""
-    who, _session = signed
-    return await gates.gate_stream(request, who=who, last_event_id_header=request.headers.get("Last-Event-ID"),
-                                   last_event_id=None, start="end")
+    who, session = signed
+    return await gates.open_gate_stream(request, who, gates.key_id_check(request.app.state.store, session.key_id,
+                                                                         who.tenant_id),
+                                        request.headers.get("Last-Event-ID"))

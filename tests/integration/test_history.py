@@ -303,13 +303,13 @@ def test_report_commands_print_tables_and_export_csv_json_and_parquet(world, tmp
     assert "Spend by day and model" in table.output and "gpt-4o-mini" in table.output
 
     as_json = runner.invoke(report, ["top", "--tenant", ACME, "--limit", "3", "--format", "json"], env=env)
-    rows = json.loads(as_json.output)["rows"]
+    rows = json.loads(as_json.stdout)["rows"]  # stdout alone: stderr says which namespace and home it read
     with open_history(world.history) as con:
         expected = top_users(con, ACME, limit=3, **RANGE)
     assert [Decimal(r["spend"]) for r in rows] == [r["spend"] for r in expected.dicts()]
 
     as_csv = runner.invoke(report, ["history", "p1", "--tenant", ACME, "--by", "model", "--format", "csv"], env=env)
-    header, *lines = as_csv.output.strip().splitlines()
+    header, *lines = as_csv.stdout.strip().splitlines()
     assert header.startswith("model,calls,") and len(lines) in (1, 2)
 
     out = tmp_path / "margins.parquet"
@@ -404,7 +404,7 @@ def test_the_simulate_command_prints_actual_and_proposed_side_by_side(world, tmp
     result = CliRunner().invoke(simulate_command, ["--plans", str(proposed), "--tenant", ACME, "--from", "2026-11-01",
                                                    "--to", "2027-01-01", "--format", "json", "--quiet"], env=env)
     assert result.exit_code == 0, result.output
-    rows = {(r["plan"], r["side"]): r for r in json.loads(result.output)["rows"]}
+    rows = {(r["plan"], r["side"]): r for r in json.loads(result.stdout)["rows"]}
     assert set(rows) == {("free", "actual"), ("free", "proposed"), ("pro", "actual"), ("pro", "proposed")}
     assert rows[("pro", "proposed")]["hard_blocks"] < rows[("pro", "actual")]["hard_blocks"]
     assert rows[("pro", "proposed")]["spend"] == rows[("pro", "actual")]["spend"]

@@ -181,6 +181,10 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         async for event in stream.events():
             ledger.answer_later(event.message.partition, event.message.value)
 
+    @app.on_partitions_assigned.connect
+    async def claim_assigned(app: faust.App, assigned: set[Any], **kwargs: Any) -> None:
+        await ledger.claim({tp.partition for tp in assigned if tp.topic == usage.get_topic_name()})
+
     @app.on_partitions_revoked.connect
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         ledger.forget({tp.partition for tp in revoked if tp.topic == usage.get_topic_name()})
@@ -459,15 +463,32 @@ class PartitionLedger:
             self.durable[p] = batch.next_offsets[p]
         return True
 
+    async def claim(self, partitions: set[int]) -> None:
+        """Fence the previous owners of newly assigned partitions, then end each changelog partition in a record.
+
+        Starting the producer aborts a transaction the previous owner left open (a kill -9 mid-batch), which
+        appends a marker; a kill between a commit and its tail leaves one too. Faust's recovery waits for
+        the last offset of a changelog partition, which a marker never delivers: the tail record gives it one.
+        """
+        await asyncio.gather(*(self._claim(p) for p in partitions))
+
+    async def _claim(self, p: int) -> None:
+        await self._fence(p)
+        stored = self.table.data.get(position_key(p))
+        await self._tail(p, stored.next_offset if isinstance(stored, Position) else 0)
+
     async def _write_partition(self, p: int, batch: Batch, writes: list[tuple[str, Any]]) -> list[Any]:
         producer = await self._fence(p)
         async with producer.transaction():
             sent = [await producer.send(self.changelog, batch.encoded[key], key=encode(key), partition=p)
                     for key, _value in writes]
             metadata = [await fut for fut in sent]
-        tail = encode(Position(partition=p, next_offset=batch.next_offsets[p]))
-        await (await self.app.producer.send(self.changelog, encode(tail_key(p)), tail, p, None, None))
+        await self._tail(p, batch.next_offsets[p])
         return metadata
+
+    async def _tail(self, p: int, next_offset: int) -> None:
+        tail = encode(Position(partition=p, next_offset=next_offset))
+        await (await self.app.producer.send(self.changelog, encode(tail_key(p)), tail, p, None, None))
 
     async def _fence(self, p: int) -> AIOKafkaProducer:
         """This worker's transactional producer for partition ``p``; starting it fences older ones of that id."""

@@ -307,11 +307,7 @@ class PartitionLedger:
         """Revoked partitions start from their stored position if they ever come back."""
         self._revocations += 1
         for p in partitions:
-            producer = self._producers.pop(p, None)
-            if producer is not None:
-                task = asyncio.create_task(producer.stop())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+            self._drop_producer(p)
             for owned in (self.expected, self.durable, self.committed):
                 owned.pop(p, None)
 
@@ -443,10 +439,14 @@ class PartitionLedger:
         by_partition: dict[int, list[tuple[str, Any]]] = {}
         for key, value in batch.state_in_write_order():
             by_partition.setdefault(partition_of(key), []).append((key, value))
+        if revocations != self._revocations or not by_partition.keys() <= self._producers.keys():
+            return False  # a partition of the batch moved (or is not claimed yet): not this worker's to write
         try:
             written = await asyncio.gather(*(self._write_partition(p, batch, writes)
                                              for p, writes in by_partition.items()))
         except ProducerFenced:
+            for p in by_partition:  # another worker owns it now: write nothing more there until it is given back
+                self._drop_producer(p)
             return False
         except Exception:
             if revocations != self._revocations:  # its producer was closed under it: the partition moved
@@ -473,12 +473,13 @@ class PartitionLedger:
         await asyncio.gather(*(self._claim(p) for p in partitions))
 
     async def _claim(self, p: int) -> None:
-        await self._fence(p)
+        await self._fence(p)  # the group gave us p: from now on only this worker may write its state
         stored = self.table.data.get(position_key(p))
         await self._tail(p, stored.next_offset if isinstance(stored, Position) else 0)
 
     async def _write_partition(self, p: int, batch: Batch, writes: list[tuple[str, Any]]) -> list[Any]:
-        producer = await self._fence(p)
+        # Only claim() starts producers: one started here for a partition that moved would fence its new owner.
+        producer = self._producers[p]
         async with producer.transaction():
             sent = [await producer.send(self.changelog, batch.encoded[key], key=encode(key), partition=p)
                     for key, _value in writes]
@@ -489,6 +490,13 @@ class PartitionLedger:
     async def _tail(self, p: int, next_offset: int) -> None:
         tail = encode(Position(partition=p, next_offset=next_offset))
         await (await self.app.producer.send(self.changelog, encode(tail_key(p)), tail, p, None, None))
+
+    def _drop_producer(self, p: int) -> None:
+        producer = self._producers.pop(p, None)
+        if producer is not None:
+            task = asyncio.create_task(producer.stop())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _fence(self, p: int) -> AIOKafkaProducer:
         """This worker's transactional producer for partition ``p``; starting it fences older ones of that id."""

@@ -284,6 +284,7 @@ class PartitionLedger:
         self._answering: set[asyncio.Task[None]] = set()
         self._producers: dict[int, AIOKafkaProducer] = {}  # per owned partition: the fenced writer of its state
         self._closing: set[asyncio.Task[None]] = set()
+        self._fencing: dict[int, asyncio.Lock] = {}
         self._last_log = time.monotonic()
 
     async def guarded(self, work: Awaitable[None]) -> None:
@@ -499,7 +500,14 @@ class PartitionLedger:
             task.add_done_callback(self._closing.discard)
 
     async def _fence(self, p: int) -> AIOKafkaProducer:
-        """This worker's transactional producer for partition ``p``; starting it fences older ones of that id."""
+        """This worker's transactional producer for partition ``p``; starting it fences older ones of that id.
+
+        One at a time per partition: two of ours starting at once would fence each other.
+        """
+        async with self._fencing.setdefault(p, asyncio.Lock()):
+            return await self._start_producer(p)
+
+    async def _start_producer(self, p: int) -> AIOKafkaProducer:
         producer = self._producers.get(p)
         if producer is None:
             producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, acks="all", enable_idempotence=True,

@@ -158,8 +158,12 @@ def test_kill_9_of_the_broker_while_a_worker_processes_loses_nothing(private_bro
     worker = worker_factory(settings).start()
     projector = ProjectorProcess(settings).start()
     restarts = 0
+
+    def healthy() -> None:
+        assert worker.alive(), f"the worker died before the broker did:\n{worker.log_tail()}"
+
     try:
-        wait_for_entries(settings, 0.3 * len(events), lambda: None)
+        wait_for_entries(settings, 0.3 * len(events), healthy)
         # When the broker is killed with -9 mid-run and comes back a few seconds later,
         pid = private_broker.pid()
         assert pid is not None

@@ -205,14 +205,12 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
 
     def _sample_health() -> None:
         assigned = ledger.assigned()
-        durable, pending = {}, {}
+        lags = {}
         for p, tp in assigned.items():
             end = app.consumer.highwater(tp)
-            if end is not None and p in ledger.durable:
-                durable[(tp.topic, p)] = end - ledger.durable[p]
-                pending[(tp.topic, p)] = end - ledger.expected.get(p, ledger.durable[p])
-        metrics.lag.set(durable)
-        metrics.pending.set(pending)
+            if end is not None and p in ledger.positions:
+                lags[(tp.topic, p)] = end - ledger.positions[p]
+        metrics.lag.set(lags)
         if not ledger.recovered():
             metrics.health.beat(False, "restoring the account table")
         elif app.rebalancing:
@@ -270,8 +268,9 @@ class PartitionLedger:
         self.app, self.settings, self.topic, self.table = app, settings, topic, table
         self.processor, self.metrics, self.hooks = processor, metrics, hooks
         self.changelog = table.changelog_topic.get_topic_name()
-        self.expected: dict[int, int] = {}  # next offset to apply, per owned partition (memory)
-        self.durable: dict[int, int] = {}  # next offset whose position the changelog has acknowledged
+        # Per owned partition, the next offset to apply. It moves only once a batch's state and position are
+        # committed to the changelog, so it is the durable position too: what a restart would resume from.
+        self.positions: dict[int, int] = {}
         self.committed: dict[int, int] = {}  # what this worker last committed to the group
         self._revocations = 0  # a batch that saw one start is not stored: its partitions may be someone else's
         self._lock = asyncio.Lock()  # the agent and the catch-up timer apply records one batch at a time
@@ -309,14 +308,14 @@ class PartitionLedger:
         self._revocations += 1
         for p in partitions:
             self._drop_producer(p)
-            for owned in (self.expected, self.durable, self.committed):
+            for owned in (self.positions, self.committed):
                 owned.pop(p, None)
 
     def _start(self, p: int) -> int:
-        if p not in self.expected:
+        if p not in self.positions:
             stored = self.table.data.get(position_key(p))
-            self.expected[p] = self.durable[p] = stored.next_offset if isinstance(stored, Position) else 0
-        return self.expected[p]
+            self.positions[p] = stored.next_offset if isinstance(stored, Position) else 0
+        return self.positions[p]
 
     async def apply(self, delivered: list[Record]) -> None:
         self._last_delivery = time.monotonic()
@@ -333,11 +332,11 @@ class PartitionLedger:
                     end = self.app.consumer.highwater(tp)
                     if end is not None and end > self._start(p):
                         log.warning("partition %s: the log ends at %s but nothing past %s was delivered; "
-                                    "fetching it", p, end, self.expected[p])
+                                    "fetching it", p, end, self.positions[p])
                         self.metrics.holes.inc()
-                        start = self.expected[p]
+                        start = self.positions[p]
                         await self._apply(await self._refetch(p, start, min(end, start + BATCH_EVENTS_MAX)))
-            await self._commit(self.durable)
+            await self._commit(self.positions)
 
     def _drop_injected(self, records: list[Record]) -> list[Record]:
         if not self.hooks.drop:
@@ -354,11 +353,11 @@ class PartitionLedger:
     async def _apply(self, delivered: list[Record]) -> None:
         started = time.perf_counter()
         revocations = self._revocations
-        positions: dict[int, int] = {}
+        reached: dict[int, int] = {}  # per partition, the offset after the last record taken into this batch
         records: list[Record] = []
         for r in delivered:
             p = r.partition
-            at = positions.get(p, self._start(p))
+            at = reached.get(p, self._start(p))
             if r.offset < at:
                 self._totals[ALREADY_APPLIED] += 1
                 self.metrics.processed.labels(ALREADY_APPLIED).inc()
@@ -369,7 +368,7 @@ class PartitionLedger:
                 self.metrics.holes.inc()
                 records += await self._refetch(p, at, r.offset)
             records.append(r)
-            positions[p] = r.offset + 1
+            reached[p] = r.offset + 1
         if not records:
             return
         batch = self.processor.run(records)
@@ -380,7 +379,7 @@ class PartitionLedger:
             self.metrics.fence_refused.inc()
             log.warning("partitions moved to another worker: dropping the state of a batch of %s records", len(records))
             return
-        self.expected.update(batch.next_offsets)
+        self.positions.update(batch.next_offsets)
         self._advanced.set()
         self._advanced = asyncio.Event()
         self._count(batch, len(records), time.perf_counter() - started)
@@ -401,10 +400,10 @@ class PartitionLedger:
             log.warning("ignoring a malformed spend query in partition %s: %s", partition, exc)
             return
         deadline = time.monotonic() + QUERY_WAIT_S_MAX
-        while partition not in self.expected or self.expected[partition] < query.usage_offset:
+        while partition not in self.positions or self.positions[partition] < query.usage_offset:
             if partition not in self.assigned() or time.monotonic() > deadline:
                 return  # not ours (any more), or not applied in time: the asker has given up
-            if partition not in self.expected and self.recovered():
+            if partition not in self.positions and self.recovered():
                 self._start(partition)
                 continue
             with contextlib.suppress(TimeoutError):
@@ -460,8 +459,6 @@ class PartitionLedger:
                 self.table.data[key] = value
                 if isinstance(self.table.data, StandbyMemoryStore):
                     self.table.data.written(meta.partition, meta.offset)
-        for p in by_partition:
-            self.durable[p] = batch.next_offsets[p]
         return True
 
     async def claim(self, partitions: set[int]) -> None:

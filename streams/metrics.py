@@ -82,8 +82,6 @@ class WorkerMetrics:
         self.lag = LagGauge(Gauge("ledger_consumer_lag", "Usage-log records past the durable position (stored with "
                                   "the state, after the outputs): what a restart would read again, per assigned "
                                   "partition", ["topic", "partition"], registry=registry))
-        self.pending = LagGauge(Gauge("ledger_consumer_pending", "Usage-log records not yet applied in memory, per "
-                                      "assigned partition", ["topic", "partition"], registry=registry))
         self.holes = Counter("ledger_offset_holes", "Times the records delivered skipped offsets past the position; "
                              "the missing offsets were fetched again and applied in order", registry=registry)
         self.refetched = Counter("ledger_offsets_refetched", "Records fetched again to fill a hole", registry=registry)

@@ -46,6 +46,11 @@ DEAD_LETTER_KEY_BYTES_MAX = 1024
 ALREADY_APPLIED = "already_applied"
 
 
+def too_large(key: bytes | str | None, value: bytes) -> bool:
+    """Whether a record of this key and value would pass RECORD_BYTES_MAX."""
+    return len(key or b"") + len(value) > RECORD_BYTES_MAX
+
+
 @dataclass(frozen=True)
 class Record:
     """One usage-log record as read from Kafka."""
@@ -102,12 +107,12 @@ class UsageProcessor:
         """
         records = list(records)
         batch = self._run(records, frozenset())
-        too_large = frozenset(key for key, raw in batch.encoded.items() if len(key) + len(raw) > RECORD_BYTES_MAX)
-        if not too_large:
+        oversized = frozenset(key for key, raw in batch.encoded.items() if too_large(key, raw))
+        if not oversized:
             return batch
         log.warning("state values would pass %s bytes; refusing the commands that take them there: %s",
-                    RECORD_BYTES_MAX, sorted(too_large))
-        return self._run(records, too_large)
+                    RECORD_BYTES_MAX, sorted(oversized))
+        return self._run(records, oversized)
 
     def _run(self, records: list[Record], watched: frozenset[str]) -> Batch:
         batch = Batch()
@@ -212,7 +217,7 @@ class UsageProcessor:
             outputs.append((self.topics.gates, user_key(gate.tenant, gate.user).encode(), encode(gate)))
         if decision.reply is not None:
             outputs.append((self.topics.replies, decision.reply.request_id.encode(), encode(decision.reply)))
-        if record is not None and any(len(key) + len(value) > RECORD_BYTES_MAX for _topic, key, value in outputs):
+        if record is not None and any(too_large(key, value) for _topic, key, value in outputs):
             self._reject(batch, record, "too_large", f"an output of this command would pass {RECORD_BYTES_MAX} "
                          "bytes; it is not applied", command)
             return False
@@ -222,7 +227,7 @@ class UsageProcessor:
             if history is not None and record is not None:
                 changed.append((plan_key(record.partition, history.tenant, history.plan_id), history))
             for key, value in changed:
-                if key in self._watched and len(key) + len(encode(value)) > RECORD_BYTES_MAX:
+                if key in self._watched and too_large(key, encode(value)):
                     if record is None:  # a clock tick never grows a value; leave this one as it was
                         return False
                     self._reject(batch, record, "too_large", f"the state this command changes would be stored as "

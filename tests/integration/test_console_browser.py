@@ -213,6 +213,20 @@ def sign_in(driver, stack: Stack, key: str) -> None:  # type: ignore[no-untyped-
     wait_for(driver, lambda d: d.current_url.endswith("/console/overview"), what="signed in")
 
 
+def click_and_load(driver, by: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """Click what loads a new page, and wait until the old page is gone.
+
+    A click returns before the page a form posts to has replaced this one, so reading straight after it can find
+    the old page's elements (or have them go stale under the read).
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(by, value).click()
+    wait_for(driver, expected_conditions.staleness_of(old_page), what=f"a new page after clicking {value}")
+
+
 def session_client(driver, stack: Stack) -> httpx.Client:  # type: ignore[no-untyped-def]
     """An HTTP client holding the browser's session cookie, to read status codes the browser does not show."""
     cookie = driver.get_cookie("ledger_console")
@@ -347,7 +361,7 @@ def test_another_tenants_user_is_a_404_and_a_read_key_cannot_write(browser, stac
     field = browser.find_element(By.ID, "max_spend_per_period")
     field.clear()
     field.send_keys("7.00")
-    browser.find_element(By.CSS_SELECTOR, "form.plan-form button").click()
+    click_and_load(browser, By.CSS_SELECTOR, "form.plan-form button")
     assert "403" in text_of(browser, "h1") and "admin scope" in browser.page_source
     with stack.api(stack.read_key) as api:
         assert api.get(f"/config/plans/{stack.plan_ids['free']}").json()["version"] == 1
@@ -359,11 +373,11 @@ def test_an_admin_edits_a_plan_and_sees_version_2(browser, stack):
     sign_in(browser, stack, stack.admin_key)
     browser.get(f"{stack.base}/console/plans")
     screenshot(browser, "plans")
-    browser.find_element(By.LINK_TEXT, "pro").click()
+    click_and_load(browser, By.LINK_TEXT, "pro")
     field = browser.find_element(By.ID, "max_spend_per_period")
     field.clear()
     field.send_keys("59.00")
-    browser.find_element(By.CSS_SELECTOR, "form.plan-form button").click()
+    click_and_load(browser, By.CSS_SELECTOR, "form.plan-form button")
     wait_for(browser, lambda d: "saved=2" in d.current_url, what="saved")
     assert text_of(browser, "#plan-version") == "version 2"
     assert "now at version 2" in text_of(browser, ".saved")
@@ -375,7 +389,7 @@ def test_an_admin_edits_a_plan_and_sees_version_2(browser, stack):
     field = browser.find_element(By.ID, "soft_gate_at")
     field.clear()
     field.send_keys("lots")
-    browser.find_element(By.CSS_SELECTOR, "form.plan-form button").click()
+    click_and_load(browser, By.CSS_SELECTOR, "form.plan-form button")
     assert "is not a number" in text_of(browser, ".problem")
     browser.get(f"{stack.base}/console/webhooks")
     wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".deliveries .badge.delivered") or d.refresh(),

@@ -45,6 +45,7 @@ from ledger.periods import billing_period, session_expired
 from ledger.plans import Plan
 from ledger.pricing import price
 
+# The dedup horizon: a user's last this-many remembered command ids (see Seen).
 DEDUP_WINDOW_EVENTS_PER_USER = 1000
 OPEN_SESSIONS_PER_USER_MAX = 256
 RESERVATIONS_PER_USER_MAX = 1000
@@ -123,7 +124,41 @@ class ClosedPeriod(msgspec.Struct, kw_only=True):
     crossed: list[str]
 
 
-class Account(msgspec.Struct, kw_only=True, tag="account"):
+class Seen(msgspec.Struct, frozen=True, array_like=True):
+    """A command id a user's dedup horizon took: the ``n``-th one the account remembered, and its payload's digest.
+
+    Ids live apart from the account (the processor stores one value per id), so an
+    account stays a few hundred bytes whatever its history. An id counts as seen
+    while it is among the account's last DEDUP_WINDOW_EVENTS_PER_USER remembered
+    ids (:func:`within_horizon`); past that a value may linger until it is swept,
+    and means nothing.
+    """
+
+    n: int
+    digest: str
+
+
+# A user's remembered ids: event id -> what was remembered under it, or None.
+SeenLookup = Callable[[str], "Seen | None"]
+
+
+def nothing_seen(event_id: str) -> Seen | None:
+    return None
+
+
+def within_horizon(account: Account, seen: Seen | None) -> Seen | None:
+    """``seen`` if it is among the account's last DEDUP_WINDOW_EVENTS_PER_USER remembered ids, else None.
+
+    A value numbered past the account's count was written by a batch whose account
+    write never landed (a crash between them): the batch is applied again, and so is that id.
+    """
+    if seen is None or not 0 <= account.remembered - seen.n < DEDUP_WINDOW_EVENTS_PER_USER:
+        return None
+    return seen
+
+
+# Fields at their default are not stored: most accounts hold no blocks, reservations or closed periods.
+class Account(msgspec.Struct, kw_only=True, tag="account", omit_defaults=True):
     tenant: str
     user: str
     plan_id: str | None = None
@@ -135,8 +170,8 @@ class Account(msgspec.Struct, kw_only=True, tag="account"):
     crossed: list[str] = []
     sessions: dict[str, SessionState] = {}
     seq: int = 0
-    # event_id -> payload digest, oldest first, at most DEDUP_WINDOW_EVENTS_PER_USER.
-    seen: dict[str, str] = {}
+    # How many command ids this account has remembered; the newest is Seen.n == remembered.
+    remembered: int = 0
     # Pay-as-you-go: the prepaid balance, and how many top-ups opened a new balance scope.
     balance: Decimal = ZERO
     topups: int = 0
@@ -157,7 +192,6 @@ def clone(account: Account) -> Account:
         period_tokens=dict(account.period_tokens),
         crossed=list(account.crossed),
         sessions={sid: msgspec.structs.replace(s, crossed=list(s.crossed)) for sid, s in account.sessions.items()},
-        seen=dict(account.seen),
         blocks=dict(account.blocks),
         reservations=dict(account.reservations),
         closed={k: ClosedPeriod(spend=c.spend, tokens=dict(c.tokens), crossed=list(c.crossed))
@@ -169,6 +203,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     result: Result
     account: Account | None = None
     plan_history: PlanHistory | None = None
+    # The command id this decision remembered, to store beside the account (event id, value).
+    remembered: tuple[str, Seen] | None = None
     entry: LedgerEntry | None = None
     gates: tuple[GateEvent, ...] = ()
     reply: CheckAnswer | SpendAnswer | None = None
@@ -183,8 +219,12 @@ def reject(code: str, reason: str) -> Decision:
     return Decision(result=Result.rejected, code=code, reason=reason)
 
 
-def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> Decision:
-    """Apply one command from a user's partition (or a broadcast plan version or clock tick)."""
+def decide(account: Account | None, command: AnyCommand, plans: PlanLookup, seen: SeenLookup = nothing_seen) -> Decision:
+    """Apply one command from a user's partition (or a broadcast plan version or clock tick).
+
+    ``seen`` finds the ids this user's account remembered (the processor's dedup store);
+    a decision that remembers one more says so in ``Decision.remembered``.
+    """
     if isinstance(command, PlanPublished):
         return _publish_plan(plans(command.tenant, command.plan.plan_id), command)
     if isinstance(command, ClockTicked):
@@ -193,28 +233,40 @@ def decide(account: Account | None, command: AnyCommand, plans: PlanLookup) -> D
         from ledger.spend import spend  # read-only, and never remembered: asking twice is not a duplicate
 
         return spend(account, command, plans)
+    before = account.remembered if account is not None else 0  # the fold updates the account in place
     if isinstance(command, CheckRequested):
         from ledger.admission import answer_again, check  # admission builds on this module's state and helpers
 
         # A check's request id and time differ on every attempt, so a retry is known by its id alone. A
         # plain check holds nothing: asking again is just asking.
-        if command.reserve and account is not None and command.event_id in account.seen:
+        if command.reserve and account is not None and within_horizon(account, seen(command.event_id)):
             return answer_again(account, command)
-        return check(account, command, plans)
+        return _noting_remembered(check(account, command, plans), command, before)
     if account is not None:
-        seen = account.seen.get(command.event_id)
-        if seen is not None:
-            if seen == payload_digest(command):
+        earlier = within_horizon(account, seen(command.event_id))
+        if earlier is not None:
+            if earlier.digest == payload_digest(command):
                 return Decision(result=Result.duplicate, code="duplicate",
                                 reason=f"event {command.event_id} was already applied")
             return Decision(result=Result.conflict, code="conflict",
                             reason=f"event id {command.event_id} was already applied "
                                    "with a different payload; this one is not applied")
     if isinstance(command, PlanAssigned):
-        return _assign_plan(account, command, plans)
-    if isinstance(command, ToppedUp):
-        return _top_up(account, command, plans)
-    return _record_usage(account, command, plans)
+        decision = _assign_plan(account, command, plans)
+    elif isinstance(command, ToppedUp):
+        decision = _top_up(account, command, plans)
+    else:
+        decision = _record_usage(account, command, plans)
+    return _noting_remembered(decision, command, before)
+
+
+def _noting_remembered(decision: Decision, command: UserCommand, before: int) -> Decision:
+    """The decision, carrying the command's id if its fold remembered it (the account's count moved past ``before``)."""
+    after = decision.account
+    if after is None or after.remembered == before:
+        return decision
+    return msgspec.structs.replace(
+        decision, remembered=(command.event_id, Seen(n=after.remembered, digest=payload_digest(command))))
 
 
 def _publish_plan(history: PlanHistory | None, command: PlanPublished) -> Decision:
@@ -245,7 +297,7 @@ def _assign_plan(account: Account | None, command: PlanAssigned, plans: PlanLook
         account.period_start = account.period_end = None
     account.plan_id = command.plan_id
     account.anchor = command.period_start
-    remember(account, command)
+    remember(account)
     # An upgrade may lift a limit the user is blocked on.
     gates = _lift_blocks(account, history.newest, command, lambda block: _still_blocked(account, history.newest, block))
     return Decision(result=Result.ok, account=account, gates=gates)
@@ -260,7 +312,7 @@ def _top_up(account: Account | None, command: ToppedUp, plans: PlanLookup) -> De
     history = plans(command.tenant, account.plan_id)
     assert history is not None
     account.balance = add(account.balance, money(command.amount))
-    remember(account, command)
+    remember(account)
     gates = _lift_blocks(account, history.newest, command,
                          lambda block: block.dimension != "balance" or account.balance <= ZERO)
     if BALANCE not in account.blocks:
@@ -319,7 +371,7 @@ def _record_usage(account: Account | None, command: UsageRecorded, plans: PlanLo
     # Every check passed: from here on the account is updated.
     tokens = command.input_tokens + command.output_tokens
     account.seq += 1
-    remember(account, command)
+    remember(account)
     if command.reservation_id is not None:
         account.reservations.pop(command.reservation_id, None)
     expire_reservations(account, at)
@@ -439,10 +491,9 @@ def _minutes(minutes: Decimal) -> timedelta:
     return timedelta(minutes=float(minutes))
 
 
-def remember(account: Account, command: UserCommand) -> None:
-    account.seen[command.event_id] = payload_digest(command)
-    while len(account.seen) > DEDUP_WINDOW_EVENTS_PER_USER:
-        del account.seen[next(iter(account.seen))]
+def remember(account: Account) -> None:
+    """The account takes the command being folded into its dedup horizon (``decide`` reports its id)."""
+    account.remembered += 1
 
 
 def _prune_sessions(account: Account, at: datetime, history: PlanHistory) -> None:

@@ -93,7 +93,8 @@ def check(account: Account | None, command: CheckRequested, plans: PlanLookup) -
     tokens = input_tokens + output_tokens
 
     # Keep the account current in event time before judging (this may lift blocks).
-    remember(account, command)
+    if command.reserve:  # a retry of a reserving check is known by its id; a plain check holds nothing to find
+        remember(account)
     expire_reservations(account, at)
     gates: tuple[GateEvent, ...] = ()
     period_start, _ = current_period(account, newest, at)

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from ledger.events import ClockTicked
 from ledger.settings import Settings
-from streams.codecs import STATE_CODEC, encode
+from streams.codecs import STATE_CODEC, encode, kept_encoded
 from streams.faust_consumer import RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
 from streams.processor import ALREADY_APPLIED, RECORD_BYTES_MAX, Batch, Record, UsageProcessor
@@ -82,11 +82,15 @@ class StandbyMemoryStore(MemoryStore):
         self._applied: dict[int, int] = {}  # changelog partition -> offset of the last record applied
 
     def apply_changelog_batch(self, batch: Iterable[Any], to_key: Any, to_value: Any) -> None:
-        events = list(batch)
-        super().apply_changelog_batch(events, to_key, to_value)
-        for event in events:
-            partition, offset = event.message.partition, event.message.offset
-            self._applied[partition] = max(self._applied.get(partition, -1), offset)
+        # Faust's own version also indexes every key's partition (a dict entry per key, a tenth of a
+        # million-user worker's memory); our keys name their partition, so the index is not kept.
+        for event in batch:
+            key, message = to_key(event.key), event.message
+            if message.value is None:  # a tombstone
+                self.data.pop(key, None)
+            else:
+                self.data[key] = to_value(event.value)
+            self._applied[message.partition] = max(self._applied.get(message.partition, -1), message.offset)
 
     def persisted_offset(self, tp: Any) -> int | None:
         return self._applied.get(tp.partition)
@@ -100,7 +104,6 @@ class StandbyMemoryStore(MemoryStore):
         # The processor writes keys itself, so Faust's key->partition index misses them: the key names its partition.
         for key in [k for k in self.data if partition_of(k) not in kept]:
             del self.data[key]
-        self._key_partition = {k: p for k, p in self._key_partition.items() if p in kept}
         self._applied = {p: o for p, o in self._applied.items() if p in kept}
 
 
@@ -436,7 +439,7 @@ class PartitionLedger:
         plain record (``"<p>:tail"``) follows, so that a partition never ends in a
         transaction marker, which Faust's recovery would wait 5 s for.
         """
-        by_partition: dict[int, list[tuple[str, Any]]] = {}
+        by_partition: dict[int, list[tuple[str, Any]]] = {}  # a value of None deletes its key
         for key, value in batch.state_in_write_order():
             by_partition.setdefault(partition_of(key), []).append((key, value))
         if revocations != self._revocations or not by_partition.keys() <= self._producers.keys():
@@ -456,7 +459,11 @@ class PartitionLedger:
             return False
         for writes, metadata in zip(by_partition.values(), written, strict=True):
             for (key, value), meta in zip(writes, metadata, strict=True):
-                self.table.data[key] = value
+                raw = batch.encoded[key]
+                if raw is None:
+                    self.table.data.pop(key, None)
+                else:
+                    self.table.data[key] = raw if kept_encoded(raw) else value
                 if isinstance(self.table.data, StandbyMemoryStore):
                     self.table.data.written(meta.partition, meta.offset)
         return True

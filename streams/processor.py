@@ -28,15 +28,15 @@ from typing import Any
 
 import msgspec
 
-from ledger.account import Account, Decision, PlanHistory, Result, clone, decide
+from ledger.account import Account, Decision, PlanHistory, Result, Seen, clone, decide, within_horizon
 from ledger.events import ClockTicked, PlanPublished, Rejection, SpendQueried, user_key
-from streams.codecs import decode_command, encode
-from streams.state import Position, account_key, partition_of, plan_key, position_key
+from streams.codecs import decode_command, decode_state, encode
+from streams.state import Position, account_key, dedup_key, dedup_owner, partition_of, plan_key, position_key
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
 
-StateValue = Account | PlanHistory | Position
+StateValue = Account | PlanHistory | Position | Seen
 # Every record the processor writes (output or state) stays under this, below the broker's default
 # message.max.bytes (1,048,588) and the producer's max_request_size (1,048,576) with room for key and headers.
 RECORD_BYTES_MAX = 1_000_000
@@ -44,6 +44,9 @@ RECORD_BYTES_MAX = 1_000_000
 DEAD_LETTER_PAYLOAD_CHARS_MAX = 64 * 1024
 DEAD_LETTER_KEY_BYTES_MAX = 1024
 ALREADY_APPLIED = "already_applied"
+# A partition's remembered ids are swept (those past their account's horizon deleted) once it has remembered this
+# many since the last sweep, and at least as many as the sweep before kept: a sweep reads every value in the table.
+SWEEP_IDS_MIN = 20_000
 
 
 def too_large(key: bytes | str | None, value: bytes) -> bool:
@@ -67,7 +70,7 @@ class Batch:
     """What one batch produced: messages to send, then state to store, and what to count."""
 
     outputs: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
-    writes: dict[str, StateValue] = field(default_factory=dict)
+    writes: dict[str, StateValue | None] = field(default_factory=dict)  # None deletes the key
     # One result per usage-log record: ok, duplicate, conflict, rejected (a tick is ok), or
     # already_applied (read again after a crash: its effects and outputs are durable already).
     results: Counter[str] = field(default_factory=Counter)
@@ -75,18 +78,21 @@ class Batch:
     gates: Counter[str] = field(default_factory=Counter)  # by gate kind
     # The offset after the last record of each partition in the batch.
     next_offsets: dict[int, int] = field(default_factory=dict)
-    # Each write as the changelog will hold it.
-    encoded: dict[str, bytes] = field(default_factory=dict)
+    # Each write as the changelog will hold it (None: a tombstone).
+    encoded: dict[str, bytes | None] = field(default_factory=dict)
 
-    def state_in_write_order(self) -> list[tuple[str, StateValue]]:
-        """Accounts, then plan histories, then positions.
+    def state_in_write_order(self) -> list[tuple[str, StateValue | None]]:
+        """Remembered ids, then accounts, then plan histories, then positions.
 
-        A crash may leave any prefix of these in the changelog. Accounts read plan
-        histories (never the reverse), so a history is only ever newer than the
-        accounts restored beside it if every account of the batch is stored too,
-        and re-applying the batch's records then changes no account.
+        A crash may leave any prefix of these in the changelog. An id is only seen
+        while its number is within its account's count, so an id stored without its
+        account means nothing, and the batch applied again stores it again; an account
+        is never stored without the ids it counts. Accounts read plan histories (never
+        the reverse), so a history is only ever newer than the accounts restored
+        beside it if every account of the batch is stored too, and re-applying the
+        batch's records then changes no account.
         """
-        rank = {"a": 0, "p": 1, "pos": 2}
+        rank = {"d": 0, "a": 1, "p": 2, "pos": 3}
         return sorted(self.writes.items(), key=lambda kv: rank[kv[0].split(":", 2)[1]])
 
 
@@ -97,6 +103,9 @@ class UsageProcessor:
         self._watched: frozenset[str] = frozenset()  # keys whose every new value is measured (see run)
         self._read_state = read_state
         self._scan_state = scan_state
+        self.sweep_ids_min = SWEEP_IDS_MIN
+        self._since_sweep: Counter[int] = Counter()  # per partition, ids remembered since its last sweep
+        self._kept_at_sweep: Counter[int] = Counter()  # per partition, ids the last sweep kept
 
     def run(self, records: Iterable[Record]) -> Batch:
         """Fold records (each partition's in offset order, without gaps) into a batch; live state is not touched.
@@ -107,7 +116,7 @@ class UsageProcessor:
         """
         records = list(records)
         batch = self._run(records, frozenset())
-        oversized = frozenset(key for key, raw in batch.encoded.items() if too_large(key, raw))
+        oversized = frozenset(key for key, raw in batch.encoded.items() if raw is not None and too_large(key, raw))
         if not oversized:
             return batch
         log.warning("state values would pass %s bytes; refusing the commands that take them there: %s",
@@ -127,18 +136,51 @@ class UsageProcessor:
                 result = Result.rejected
             batch.results[result if isinstance(result, str) else result.value] += 1
         for key, value in batch.writes.items():
-            if not isinstance(value, Position):
+            if isinstance(value, Account | PlanHistory):
                 value.applied_to = batch.next_offsets[partition_of(key)]
         for p, next_offset in batch.next_offsets.items():
             batch.writes[position_key(p)] = Position(partition=p, next_offset=next_offset)
-        batch.encoded = {key: encode(value) for key, value in batch.writes.items()}
+        self._sweep(batch)
+        batch.encoded = {key: None if value is None else encode(value) for key, value in batch.writes.items()}
         return batch
+
+    def _sweep(self, batch: Batch) -> None:
+        """Delete remembered ids that have left their account's horizon, in partitions that remembered enough.
+
+        What an id means never depends on a sweep (``within_horizon`` decides), so when
+        one runs is free: it only bounds the table.
+        """
+        for p in batch.next_offsets:
+            self._since_sweep[p] += sum(1 for key, value in batch.writes.items()
+                                        if isinstance(value, Seen) and partition_of(key) == p)
+            if self._since_sweep[p] < max(self.sweep_ids_min, self._kept_at_sweep[p]):
+                continue
+            kept, expired = 0, []
+            for key, raw in self._scan_state(f"{p}:d:"):
+                if key in batch.writes:
+                    continue
+                owner = dedup_owner(key)
+                account = batch.writes[owner] if owner in batch.writes else self.stored(owner)
+                seen = decode_state(raw) if isinstance(raw, bytes) else raw
+                if isinstance(account, Account) and within_horizon(account, seen) is not None:
+                    kept += 1
+                else:
+                    expired.append(key)
+            for key in expired:
+                batch.writes[key] = None
+            log.info("partition %s: swept %s remembered id(s) past their horizon, kept %s", p, len(expired), kept)
+            self._since_sweep[p], self._kept_at_sweep[p] = 0, kept
+
+    def stored(self, key: str) -> Any:
+        """A stored value (decoded: the table may keep it as the changelog holds it)."""
+        value = self._read_state(key)
+        return decode_state(value) if isinstance(value, bytes) else value
 
     def answer(self, partition: int, query: SpendQueried) -> tuple[str, bytes, bytes] | None:
         """A spend query's reply (topic, key, value) from the stored state; it changes nothing."""
-        account = self._read_state(account_key(partition, query.tenant, query.user))
+        account = self.stored(account_key(partition, query.tenant, query.user))
         try:
-            decision = decide(account, query, lambda tenant, plan_id: self._read_state(plan_key(partition, tenant, plan_id)))
+            decision = decide(account, query, lambda tenant, plan_id: self.stored(plan_key(partition, tenant, plan_id)))
         except Exception:  # a bug in the core must not stop the worker; the asker gets a 504
             log.exception("core failed on a spend query for %s/%s", query.tenant, query.user)
             return None
@@ -151,8 +193,10 @@ class UsageProcessor:
         if key in batch.writes:
             value = batch.writes[key]
             return clone(value) if key in self._watched and isinstance(value, Account) else value
-        value = self._read_state(key)
-        return clone(value) if isinstance(value, Account) else value  # plan histories are replaced, never changed
+        raw = self._read_state(key)
+        if isinstance(raw, bytes):
+            return decode_state(raw)  # a new object: the fold may change it
+        return clone(raw) if isinstance(raw, Account) else raw  # plan histories are replaced, never changed
 
     def _apply(self, record: Record, batch: Batch) -> Result | str:
         def read(key: str) -> Any:
@@ -183,7 +227,8 @@ class UsageProcessor:
             return ALREADY_APPLIED
         try:
             decision = decide(stored if akey else None, command,
-                              lambda tenant, plan_id: read(plan_key(p, tenant, plan_id)))
+                              lambda tenant, plan_id: read(plan_key(p, tenant, plan_id)),
+                              lambda event_id: read(dedup_key(p, command.tenant, command.user, event_id)))
         except Exception as exc:  # a bug in the core must not stall the stream or lose the event
             log.exception("core failed on %s:%s@%s", record.topic, p, record.offset)
             self._reject(batch, record, "internal_error", f"internal error: {type(exc).__name__}", command)
@@ -235,6 +280,10 @@ class UsageProcessor:
                     return False
         if decision.account is not None and akey is not None:
             batch.writes[akey] = decision.account
+        if decision.remembered is not None:
+            assert akey is not None  # only a user's command is remembered
+            event_id, seen = decision.remembered
+            batch.writes[dedup_key(partition_of(akey), command.tenant, command.user, event_id)] = seen
         if decision.plan_history is not None:
             assert record is not None
             history = decision.plan_history

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ledger.account import Account, Decision, PlanHistory, Result, decide
+from ledger.account import Account, Decision, PlanHistory, Result, Seen, decide
 from ledger.events import AnyCommand, ClockTicked, PlanAssigned, PlanPublished, UsageRecorded
 from ledger.plans import Plan, parse_plans_config, plans_from_config
 
@@ -44,6 +44,7 @@ class Ledger:
     def __init__(self) -> None:
         self.accounts: dict[tuple[str, str], Account] = {}
         self.plans: dict[tuple[str, str], PlanHistory] = {}
+        self.seen: dict[tuple[str, str, str], Seen] = {}  # (tenant, user, event id) -> remembered, never swept
 
     def apply(self, command: AnyCommand) -> Decision:
         if isinstance(command, ClockTicked):  # the processor applies a tick to every account of the partition
@@ -55,9 +56,13 @@ class Ledger:
                 gates += decision.gates
             return Decision(result=Result.ok, gates=tuple(gates))
         key = (command.tenant, getattr(command, "user", ""))
-        decision = decide(self.accounts.get(key), command, lambda t, p: self.plans.get((t, p)))
+        decision = decide(self.accounts.get(key), command, lambda t, p: self.plans.get((t, p)),
+                          lambda event_id: self.seen.get((*key, event_id)))
         if decision.account is not None:
             self.accounts[key] = decision.account
+        if decision.remembered is not None:
+            event_id, seen = decision.remembered
+            self.seen[(*key, event_id)] = seen
         if decision.plan_history is not None:
             h = decision.plan_history
             self.plans[(h.tenant, h.plan_id)] = h

@@ -6,7 +6,7 @@ from decimal import Decimal
 import msgspec
 import pytest
 
-from ledger.account import DEDUP_WINDOW_EVENTS_PER_USER, Result
+from ledger.account import DEDUP_WINDOW_EVENTS_PER_USER, Result, within_horizon
 from ledger.events import PlanPublished
 from tests.factories import T0, TENANT, Ledger, assigned, ok, published, seed_plans, usage
 
@@ -115,9 +115,13 @@ def test_the_dedup_window_is_bounded(ledger):
     ok(ledger.apply(assigned("u", seed_plans()["pro"])))
     for n in range(DEDUP_WINDOW_EVENTS_PER_USER + 10):
         ok(ledger.apply(usage("u", n, input_tokens=1, output_tokens=0, at=T0 + timedelta(seconds=n))))
-    assert len(ledger.account("u").seen) == DEDUP_WINDOW_EVENTS_PER_USER
+    account = ledger.account("u")
+    held = [event_id for (_t, _u, event_id), seen in ledger.seen.items() if within_horizon(account, seen)]
+    assert len(held) == DEDUP_WINDOW_EVENTS_PER_USER
     assert ledger.apply(usage("u", DEDUP_WINDOW_EVENTS_PER_USER + 9, input_tokens=1, output_tokens=0,
                               at=T0 + timedelta(seconds=DEDUP_WINDOW_EVENTS_PER_USER + 9))).result is Result.duplicate
+    # The oldest ids have left the horizon: the same event again is applied as new.
+    assert ledger.apply(usage("u", 0, input_tokens=1, output_tokens=0, at=T0)).result is Result.ok
 
 
 def test_a_session_keeps_its_plan_version_and_a_new_session_uses_the_newest(ledger):

@@ -64,7 +64,11 @@ class Changelog:
                               lambda prefix: [(k, v) for k, v in self.values.items() if k.startswith(prefix)])
 
     def store(self, writes: list[tuple[str, object]]) -> None:
-        self.values.update(writes)
+        for key, value in writes:
+            if value is None:  # a tombstone
+                self.values.pop(key, None)
+            else:
+                self.values[key] = value
 
     def position(self) -> int:
         stored = self.values.get(position_key(P))

@@ -38,3 +38,16 @@ def test_a_standby_partition_survives_recovery_and_resumes_at_its_last_offset(tm
     # and partition 2 is forgotten, so it would be read from the start if it came back.
     assert "2:a:acme/u2" not in store
     assert store.persisted_offset(TP(CHANGELOG, 2)) is None
+
+
+def test_a_tombstone_in_the_changelog_deletes_its_key_and_no_key_index_is_kept(tmp_path: Path) -> None:
+    app = create_app(Settings(home=tmp_path, namespace="ns"))
+    store = app.tables["accounts"].data
+    key = "1:d:6:acme/ue-1"
+    store.apply_changelog_batch([changelog_record(1, 0, key, "[1,\"ab\"]"), changelog_record(1, 1, "1:a:acme/u", "v")],
+                                lambda k: k, lambda v: v)
+    assert key in store
+    store.apply_changelog_batch([changelog_record(1, 2, key, None)], lambda k: k, lambda v: v)  # type: ignore[arg-type]
+    assert key not in store and store["1:a:acme/u"] == "v"
+    assert store.persisted_offset(TP(CHANGELOG, 1)) == 2
+    assert store._key_partition == {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from streams.topics import ensure_topics
 from tests.benchmarks.pipeline import workload
 from tests.conftest import ROOT, WorkerProcess, delete_namespaces, new_settings
 from tests.kafka_io import publish, read_all, read_partitions
+from tests.reliability.audit import stored_accounts
 
 REPRO_USERS, REPRO_EVENTS = 2000, 100_000
 REPRO_KILL_AFTER_S, REPRO_WAIT_S = 9, 300  # the issue waited 45 s; a loaded machine needs longer to finish
@@ -74,10 +76,8 @@ def repro(bootstrap: str, home: Path) -> tuple[int, int, int]:
                 expected[e.user] += by_id[e.event_id].cost
         accounts: dict[str, Account] = {}
         for records in read_partitions(settings, f"{settings.namespace}-processor-accounts-changelog").values():
-            for _key, value in records:
-                if msgspec.json.decode(value).get("type") == "account":
-                    account = msgspec.json.decode(value, type=Account)
-                    accounts[account.user] = account
+            for account in stored_accounts(records):
+                accounts[account.user] = account
         off = sum(1 for u, spend in expected.items() if u not in accounts or accounts[u].period_spend != spend)
         return lost, off, lag
     finally:
@@ -88,15 +88,18 @@ def pytest_run(path: str, seed: int) -> dict[str, str]:
     """test id -> passed, audit (lost or double-counted) or failed."""
     report = Path(tempfile.mkdtemp()) / "report.txt"
     env = {**os.environ, "LEDGER_CRASH_SEED": str(seed)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", path],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", path],  # -rA: a line per test
                           cwd=ROOT, env=env, capture_output=True, text=True)
     report.write_text(proc.stdout + proc.stderr)
     outcomes: dict[str, str] = {}
+    sections = re.split(r"^_{3,} (\S+) _{3,}$", proc.stdout, flags=re.MULTILINE)
+    failures = dict(zip(sections[1::2], sections[2::2], strict=True))  # test name -> its traceback
     for line in proc.stdout.splitlines():
         if line.startswith(("PASSED ", "FAILED ", "ERROR ")):
             word, test = line.split(" ", 1)
             test = test.split(" - ")[0]
-            audit_failed = word == "FAILED" and "audit.py" in proc.stdout
+            # Lost or double-counted, not a timeout waiting for progress.
+            audit_failed = word == "FAILED" and "AuditFailed" in failures.get(test.split("::")[-1], "")
             outcomes[test] = "passed" if word == "PASSED" else ("audit" if audit_failed else "failed")
     if not outcomes:
         outcomes[path] = "failed"

@@ -33,6 +33,7 @@ from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode, kept_encoded
 from streams.faust_consumer import RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
+from streams.pending import PendingState
 from streams.processor import ALREADY_APPLIED, RECORD_BYTES_MAX, Batch, Record, UsageProcessor
 from streams.publisher import CLOCK_KEY
 from streams.queries import QUERY_WAIT_S_MAX, query_decoder
@@ -63,6 +64,7 @@ CATCH_UP_IDLE_S = 5.0  # no delivery for this long while the log has more: fetch
 COMMIT_TIMEOUT_S = 5.0
 REFETCH_POLL_MS = 500
 QUERIES_WAITING_MAX = 10_000  # the API's own bound on waiting requests
+WRITES_QUEUED_MAX = 4  # folded batches waiting for their state to be stored; the agent waits past this
 
 
 class StandbyMemoryStore(MemoryStore):
@@ -165,9 +167,10 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
     table = app.tables.add(PartitionedTable(
         app=app, name="accounts", partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIGS,
     ))
-    processor = UsageProcessor(topics, lambda key: table.data.get(key),
-                               lambda prefix: ((k, v) for k, v in table.data.items() if k.startswith(prefix)))
-    ledger = PartitionLedger(app, settings, usage.get_topic_name(), table, processor, metrics, FaultHooks.from_env())
+    pending = PendingState(lambda: table.data)
+    processor = UsageProcessor(topics, pending.get, pending.scan)
+    ledger = PartitionLedger(app, settings, usage.get_topic_name(), table, processor, pending, metrics,
+                             FaultHooks.from_env())
 
     @app.agent(usage, name="ledger-processor")
     async def process_usage(stream: faust.StreamT) -> None:
@@ -234,6 +237,19 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
 
 
 @dataclass(frozen=True)
+class Queued:
+    """A folded batch waiting for the writer: its outputs in flight, and what decides whether it may be stored."""
+
+    number: int
+    batch: Batch
+    sent: list[asyncio.Future[Any]]
+    revocations: int
+    generation: int
+    records: int
+    started: float
+
+
+@dataclass(frozen=True)
 class FaultHooks:
     """Faults a test can inject through the environment (never set in production).
 
@@ -264,16 +280,31 @@ class PartitionLedger:
     offsets only bound what a restart reads again; they follow the durable
     position. Any failure stops the worker (the next owner re-reads the batch),
     never just the batch.
+
+    Folding and storing overlap: a batch is folded, its outputs handed to the
+    producer, and its state queued for the writer (``_write_loop``), which
+    stores batches in order, each once its outputs are acknowledged. The next
+    batch folds meanwhile, reading the queued state through ``PendingState``.
+    So a check's answer waits for no earlier batch's transaction. If a batch is
+    refused (its partitions moved), every batch folded after it is dropped too
+    (it read the refused state) and folding starts again from the durable
+    positions: the records past them are fetched again as a hole.
     """
 
     def __init__(self, app: faust.App, settings: Settings, topic: str, table: Table, processor: UsageProcessor,
-                 metrics: WorkerMetrics, hooks: FaultHooks) -> None:
+                 pending: PendingState, metrics: WorkerMetrics, hooks: FaultHooks) -> None:
         self.app, self.settings, self.topic, self.table = app, settings, topic, table
-        self.processor, self.metrics, self.hooks = processor, metrics, hooks
+        self.processor, self.pending, self.metrics, self.hooks = processor, pending, metrics, hooks
         self.changelog = table.changelog_topic.get_topic_name()
         # Per owned partition, the next offset to apply. It moves only once a batch's state and position are
         # committed to the changelog, so it is the durable position too: what a restart would resume from.
         self.positions: dict[int, int] = {}
+        # Per owned partition, the next offset to fold: past the durable position by the batches still queued.
+        self.folded: dict[int, int] = {}
+        self._queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=WRITES_QUEUED_MAX)
+        self._writer: asyncio.Task[None] | None = None
+        self._batches = 0  # numbers the folded batches (PendingState)
+        self._generation = 0  # moves when queued batches are dropped: a batch folded before is dropped too
         self.committed: dict[int, int] = {}  # what this worker last committed to the group
         self._revocations = 0  # a batch that saw one start is not stored: its partitions may be someone else's
         self._lock = asyncio.Lock()  # the agent and the catch-up timer apply records one batch at a time
@@ -311,14 +342,19 @@ class PartitionLedger:
         self._revocations += 1
         for p in partitions:
             self._drop_producer(p)
-            for owned in (self.positions, self.committed):
+            for owned in (self.positions, self.committed, self.folded):
                 owned.pop(p, None)
 
     def _start(self, p: int) -> int:
+        """The durable position of ``p``."""
         if p not in self.positions:
             stored = self.table.data.get(position_key(p))
             self.positions[p] = stored.next_offset if isinstance(stored, Position) else 0
         return self.positions[p]
+
+    def _next(self, p: int) -> int:
+        """The next offset of ``p`` to fold."""
+        return self.folded[p] if p in self.folded else self._start(p)
 
     async def apply(self, delivered: list[Record]) -> None:
         self._last_delivery = time.monotonic()
@@ -333,11 +369,11 @@ class PartitionLedger:
             if time.monotonic() - self._last_delivery > CATCH_UP_IDLE_S:
                 for p, tp in self.assigned().items():
                     end = self.app.consumer.highwater(tp)
-                    if end is not None and end > self._start(p):
+                    if end is not None and end > self._next(p):
+                        start = self._next(p)
                         log.warning("partition %s: the log ends at %s but nothing past %s was delivered; "
-                                    "fetching it", p, end, self.positions[p])
+                                    "fetching it", p, end, start)
                         self.metrics.holes.inc()
-                        start = self.positions[p]
                         await self._apply(await self._refetch(p, start, min(end, start + BATCH_EVENTS_MAX)))
             await self._commit(self.positions)
 
@@ -355,12 +391,12 @@ class PartitionLedger:
 
     async def _apply(self, delivered: list[Record]) -> None:
         started = time.perf_counter()
-        revocations = self._revocations
+        revocations, generation = self._revocations, self._generation
         reached: dict[int, int] = {}  # per partition, the offset after the last record taken into this batch
         records: list[Record] = []
         for r in delivered:
             p = r.partition
-            at = reached.get(p, self._start(p))
+            at = reached.get(p, self._next(p))
             if r.offset < at:
                 self._totals[ALREADY_APPLIED] += 1
                 self.metrics.processed.labels(ALREADY_APPLIED).inc()
@@ -372,20 +408,44 @@ class PartitionLedger:
                 records += await self._refetch(p, at, r.offset)
             records.append(r)
             reached[p] = r.offset + 1
-        if not records:
+        if not records or generation != self._generation:  # a refetch above waited while queued batches were dropped
             return
         batch = self.processor.run(records)
-        # Outputs are durable before the state and position that say they happened: a
-        # crash in between repeats them under the same ids, never loses them.
-        await self._send_outputs(batch)
-        if not await self._write_state(batch, revocations):
+        number = self._batches = self._batches + 1
+        self.pending.stage(number, ((key, value, batch.encoded[key]) for key, value in batch.writes.items()))
+        self.folded.update(batch.next_offsets)
+        # Outputs are durable before the state and position that say they happened (the writer awaits
+        # them first): a crash in between repeats them under the same ids, never loses them.
+        sent = await self._send_outputs(batch)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self.guarded(self._write_loop()))
+        await self._queue.put(Queued(number, batch, sent, revocations, generation, len(records), started))
+
+    async def _write_loop(self) -> None:
+        """Store queued batches in the order they were folded, each once its outputs are acknowledged."""
+        while True:
+            queued = await self._queue.get()
+            batch = queued.batch
+            await asyncio.gather(*queued.sent)
+            stored = queued.generation == self._generation and await self._write_state(batch, queued.revocations)
+            self.pending.settle(queued.number, batch.writes)
+            if not stored:
+                self._drop_queued(queued)
+                continue
+            self.positions.update(batch.next_offsets)
+            self._advanced.set()
+            self._advanced = asyncio.Event()
+            self._count(batch, queued.records, time.perf_counter() - queued.started)
+
+    def _drop_queued(self, refused: Queued) -> None:
+        """A batch was refused: it and every batch folded after it are dropped; folding restarts at the durable positions."""
+        if refused.generation == self._generation:
             self.metrics.fence_refused.inc()
-            log.warning("partitions moved to another worker: dropping the state of a batch of %s records", len(records))
-            return
-        self.positions.update(batch.next_offsets)
-        self._advanced.set()
-        self._advanced = asyncio.Event()
-        self._count(batch, len(records), time.perf_counter() - started)
+            log.warning("partitions moved to another worker: dropping the state of a batch of %s records and of "
+                        "the %s batch(es) folded after it", refused.records, self._queue.qsize())
+            self._generation += 1
+            self.folded.clear()
+            self.pending.clear()  # every batch left in the queue is dropped when its turn comes
 
     def answer_later(self, partition: int, raw: bytes | None) -> None:
         """Answer a spend query in a task of its own: one waiting for its partition holds up no other."""
@@ -415,7 +475,8 @@ class PartitionLedger:
         if reply is not None:
             await (await self.app.producer.send(*reply, None, None, None))
 
-    async def _send_outputs(self, batch: Batch) -> None:
+    async def _send_outputs(self, batch: Batch) -> list[asyncio.Future[Any]]:
+        """Hand the batch's outputs to the producer; the futures resolve when the broker has each."""
         outputs = batch.outputs
         failing = False
         if outputs and self.hooks.fail_batch:
@@ -423,9 +484,11 @@ class PartitionLedger:
             failing = self._batches_with_outputs == self.hooks.fail_batch
         if failing:
             outputs = outputs[: len(outputs) // 2]
-        await asyncio.gather(*await _send(self.app, ((topic, key, value, None) for topic, key, value in outputs)))
+        sent = await _send(self.app, ((topic, key, value, None) for topic, key, value in outputs))
         if failing:
+            await asyncio.gather(*sent)
             raise RuntimeError("test hook: an output send failed mid-batch")
+        return sent
 
     async def _write_state(self, batch: Batch, revocations: int) -> bool:
         """Store the batch's state and positions, one transaction per partition; False if this worker was fenced.

@@ -161,8 +161,9 @@ def main() -> None:
     print(f"load average before: {load_before}; after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} CPUs shared with the broker and other runs)")
     print(f"publish (batched aiokafka producer):  {sent / publish_s:>10,.0f} records/s")
-    print(f"baseline, empty namespace:            VmRSS {baseline['VmRSS']:>8,.0f} MB   VmHWM {baseline['VmHWM']:>8,.0f} MB")
-    print(f"after {args.users:>9,} users:             VmRSS {loaded['VmRSS']:>8,.0f} MB   VmHWM {loaded['VmHWM']:>8,.0f} MB"
+    after = f"after {args.users:,} users:"
+    print(f"{'baseline, empty namespace:':<38}VmRSS {baseline['VmRSS']:>8,.0f} MB   VmHWM {baseline['VmHWM']:>8,.0f} MB")
+    print(f"{after:<38}VmRSS {loaded['VmRSS']:>8,.0f} MB   VmHWM {loaded['VmHWM']:>8,.0f} MB"
           f"   = {grown * 1024 * 1024 / args.users:,.0f} bytes of RSS per user over the baseline")
     print(f"run to the last entry: {run_s:.0f} s ({2 * args.users / run_s:,.0f} records/s, "
           f"{cpu * 1e6 / (2 * args.users):,.0f} CPU µs per record over the whole process)")

@@ -7,12 +7,14 @@ figures must stay meaningful when it changes. Changelog records are grouped by t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -69,10 +71,11 @@ class Changelog:
 
     def describe(self, events: int) -> str:
         removed = self.offsets_spanned - self.records
-        lines = [f"{self.bytes / max(events, 1):,.0f} bytes of changelog per usage event "
+        lines = [f"{self.bytes / max(events, 1):,.0f} bytes of changelog written per usage event "
                  f"({self.bytes:,} bytes in {self.records:,} records for {events:,} events, "
                  f"{self.records / max(events, 1):.3f} records per event); largest value {self.value_max:,} bytes"
-                 + (f"; {removed:,} of {self.offsets_spanned:,} offsets already gone (compaction, transaction markers)"
+                 + (f"; {removed:,} of {self.offsets_spanned:,} offsets hold no record (transaction markers; "
+                    f"compacted away, if the tail fell behind)"
                     if removed else "")]
         for kind, k in sorted(self.kinds.items(), key=lambda kv: -kv[1].bytes):
             lines.append(f"    key kind {kind!r:>8}: {k.records:>9,} records, {k.bytes:>13,} bytes, "
@@ -102,51 +105,94 @@ async def changelog_ends(bootstrap: str, topic: str) -> dict[int, int]:
         await consumer.stop()
 
 
-async def read_changelog(bootstrap: str, topic: str, start: dict[int, int] | None = None) -> Changelog:
-    """Every record of ``topic`` from ``start`` (default: the beginning) to the end offsets seen now.
+def _count(out: Changelog, key: bytes | None, value: bytes | None) -> None:
+    k, v = len(key or b""), len(value or b"")
+    kind = out.kinds.setdefault(_kind(key), KindStats())
+    kind.records += 1
+    kind.key_bytes += k
+    kind.value_bytes += v
+    kind.value_max = max(kind.value_max, v)
+    out.records += 1
+    out.bytes += k + v
+    out.value_max = max(out.value_max, v)
 
+
+class ChangelogTail:
+    """Reads a changelog while it is written, so compaction cannot remove a record before it is counted.
+
+    The changelog rolls a segment every 60 s and is compacted eagerly (streams/app.py): read after a run of a few
+    minutes, most of what the run wrote is gone. A thread follows the topic from ``start`` (default: its beginning;
+    it may not exist yet: the worker creates it) and ``stop`` reads on to the end offsets at that moment.
     Read committed, as a restore reads it: aborted transactions (a fenced batch) do not count.
     """
-    parts = (await partitions_of(bootstrap, (topic,)))[topic]
-    tps = [TopicPartition(topic, p) for p in parts]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", isolation_level="read_committed",
-                                max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
-    await consumer.start()
-    out = Changelog()
-    try:
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            if start and tp.partition in start:
-                consumer.seek(tp, start[tp.partition])
-            else:
-                await consumer.seek_to_beginning(tp)
-        firsts = {tp: await consumer.position(tp) for tp in tps}
-        out.offsets_spanned = sum(ends[tp] - firsts[tp] for tp in tps)
-        idle_since = time.monotonic()
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            batch = await consumer.getmany(timeout_ms=500, max_records=50_000)
-            if batch:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > 10:  # only markers left before the end
+
+    def __init__(self, bootstrap: str, topic: str, start: dict[int, int] | None = None) -> None:
+        self.bootstrap, self.topic, self.start_offsets = bootstrap, topic, start
+        self.out = Changelog()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="changelog-tail", daemon=True)
+
+    def start(self) -> ChangelogTail:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 120) -> Changelog:
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._error is not None:
+            raise self._error
+        return self.out
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._follow())
+        except BaseException as e:  # handed to stop()
+            self._error = e
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                parts = (await partitions_of(self.bootstrap, (self.topic,)))[self.topic]
+            except (KeyError, RuntimeError):
+                parts = []
+            if parts or self._stop.is_set():
                 break
-            for tp, records in batch.items():
-                for r in records:
-                    if r.offset >= ends[tp]:
-                        continue
-                    k, v = len(r.key or b""), len(r.value or b"")
-                    kind = out.kinds.setdefault(_kind(r.key), KindStats())
-                    kind.records += 1
-                    kind.key_bytes += k
-                    kind.value_bytes += v
-                    kind.value_max = max(kind.value_max, v)
-                    out.records += 1
-                    out.bytes += k + v
-                    out.value_max = max(out.value_max, v)
-    finally:
-        await consumer.stop()
-    return out
+            await asyncio.sleep(0.5)
+        if not parts:
+            return
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", isolation_level="read_committed",
+                                    max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+        await consumer.start()
+        try:
+            consumer.assign(tps)
+            for tp in tps:
+                if self.start_offsets and tp.partition in self.start_offsets:
+                    consumer.seek(tp, self.start_offsets[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+            firsts = {tp: await consumer.position(tp) for tp in tps}
+            ends: dict[TopicPartition, int] | None = None
+            idle_since = time.monotonic()
+            while True:
+                if ends is None and self._stop.is_set():
+                    ends = await consumer.end_offsets(tps)
+                    self.out.offsets_spanned = sum(ends[tp] - firsts[tp] for tp in tps)
+                if ends is not None and all([await consumer.position(tp) >= ends[tp] for tp in tps]):
+                    return
+                batch = await consumer.getmany(timeout_ms=200, max_records=50_000)
+                if batch:
+                    idle_since = time.monotonic()
+                elif ends is not None and time.monotonic() - idle_since > 10:  # only markers left before the end
+                    return
+                for tp, records in batch.items():
+                    for r in records:
+                        if ends is None or r.offset < ends[tp]:
+                            _count(self.out, r.key, r.value)
+        finally:
+            await consumer.stop()
 
 
 # -- py-spy ----------------------------------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ from streams.progress import end_offsets
 from streams.topics import Topics, ensure_topics, partitions_of
 from tests.benchmarks.observe import (
     Changelog,
+    ChangelogTail,
     changelog_ends,
     changelog_topic,
     cpu_seconds,
     finish_profile,
     print_top,
-    read_changelog,
     start_profile,
 )
 from tests.conftest import ROOT, WorkerProcess, delete_namespaces, free_port, new_settings
@@ -103,6 +103,7 @@ class Run:
     cpu_s: float  # CPU seconds (user + system) the workers used, start to finish
     cpu_us_per_event: float  # worker CPU between the 10% and 90% samples, per entry produced in between
     pids: list[int]
+    changelog: Changelog | None  # what the run wrote to the account changelog, when it was followed
 
 
 def _ready_partitions(port: int) -> int | None:
@@ -131,10 +132,11 @@ class Profile:
 
 
 def processor_rate(settings: Settings, expected_entries: int, workers: int = 1, standby_replicas: int = 1,
-                   timeout_s: float = 900, profile: Profile | None = None) -> Run:
+                   timeout_s: float = 900, profile: Profile | None = None, follow_changelog: bool = False) -> Run:
     """Start ``workers`` worker processes in one consumer group and time the entries they produce."""
     topics = Topics.for_namespace(settings.namespace)
     ports = [free_port() for _ in range(workers)]
+    tail = ChangelogTail(settings.bootstrap, changelog_topic(settings.namespace)).start() if follow_changelog else None
     procs = [WorkerProcess(settings, str(i), env={"LEDGER_METRICS_PORT": str(port),
                                                   "LEDGER_STANDBY_REPLICAS": str(standby_replicas)}).start()
              for i, port in enumerate(ports)]
@@ -167,9 +169,12 @@ def processor_rate(settings: Settings, expected_entries: int, workers: int = 1, 
             profile.problems += finish_profile(recorders, timeout_s=profile.seconds + 60)
         shares = [_processed(port) for port in ports]
         cpu_s = sum(cpu_seconds(pid) for pid in pids)
+        if tail is not None:
+            time.sleep(STATE_SETTLE_S)
     finally:
         for proc in procs:
             proc.stop()
+    written = tail.stop() if tail is not None else None
     if settled_at is None:
         settled_at = samples[-1][0]
     low = next(s for s in samples if s[1] >= 0.1 * expected_entries and s[0] >= settled_at)
@@ -177,7 +182,7 @@ def processor_rate(settings: Settings, expected_entries: int, workers: int = 1, 
     return Run(sustained=(high[1] - low[1]) / (high[0] - low[0]) if high[0] > low[0] else float("nan"),
                total_s=samples[-1][0] - started, settled_s=settled_at - started, shares=shares, cpu_s=cpu_s,
                cpu_us_per_event=(high[2] - low[2]) / (high[1] - low[1]) * 1e6 if high[1] > low[1] else float("nan"),
-               pids=pids)
+               pids=pids, changelog=written)
 
 
 @dataclass
@@ -234,13 +239,13 @@ def steady_state(settings: Settings, setup: list[AnyCommand], history: list[Usag
     try:
         wait_entries(len(history))
         time.sleep(STATE_SETTLE_S)
-        start = asyncio.run(changelog_ends(settings.bootstrap, changelog))
+        tail = ChangelogTail(settings.bootstrap, changelog, asyncio.run(changelog_ends(settings.bootstrap, changelog))).start()
         cpu_before, t = cpu_seconds(pid), time.perf_counter()
         publish(settings, measured)
         wait_entries(len(history) + len(measured))
         elapsed, cpu = time.perf_counter() - t, cpu_seconds(pid) - cpu_before
         time.sleep(STATE_SETTLE_S)
-        written = asyncio.run(read_changelog(settings.bootstrap, changelog, start))
+        written = tail.stop()
     finally:
         worker.stop()
     return Steady(history_events=len(history), events=len(measured), rate=len(measured) / elapsed,
@@ -289,9 +294,10 @@ def main() -> None:
         floors.append(faust_floor(one, usage_topic))
         if args.floor_events:
             floors.append(faust_floor(one, usage_topic, mode="events"))
-        runs["1 worker"] = processor_rate(one, args.events, workers=1)
-        # Promptly: the changelog rolls a segment every 60 s, and compaction may then remove superseded values.
-        young = asyncio.run(read_changelog(bootstrap, changelog_topic(one.namespace)))
+        # The changelog is followed while it is written: it rolls a segment every 60 s and is compacted eagerly.
+        runs["1 worker"] = processor_rate(one, args.events, workers=1, follow_changelog=True)
+        young = runs["1 worker"].changelog
+        assert young is not None
         if not args.no_two_workers:
             two, _ = fresh_namespace(bootstrap, home / "two", setup, calls)
             namespaces.add(two.namespace)
@@ -334,7 +340,7 @@ def main() -> None:
               f"CPU {run.cpu_us_per_event:,.0f} µs per event (10%..90%), {run.cpu_s * 1e6 / args.events:,.0f} µs "
               f"over the whole process ({run.cpu_s:.0f} CPU-s); whole run {run.total_s:.1f} s, group settled after "
               f"{run.settled_s:.1f} s; records per worker {shares}")
-    print(f"changelog, 1 worker, young users ({args.events // args.users} events each, read right after the run):")
+    print(f"changelog, 1 worker, young users ({args.events // args.users} events each, followed while written):")
     print("  " + young.describe(args.events))
     print(f"changelog at steady state: {args.steady_users} old users ({args.steady_history:,} events each before), "
           f"then {args.steady_events} events each ({steady.events:,}), one worker: {steady.rate:,.0f} events/s "

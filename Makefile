@@ -41,9 +41,16 @@ test-unit: install
 	$(BIN)/pytest -q tests/unit
 
 # Benchmarks print figures next to a baseline measured in the same run; they assert nothing.
+# Every figure beside its baseline from the same run (docs/benchmarks.md). BENCH_USERS: users of the RSS figure
+# (1,000,000 takes the longest part of the run; 100000 for a quick look); BENCH_FLAGS go to the pipeline benchmark
+# (e.g. --events 50000 --no-two-workers --profile-seconds 10), BENCH_CHECK_FLAGS to the checks (e.g. --seconds 5).
+BENCH_USERS ?= 1000000
+BENCH_FLAGS ?=
+BENCH_CHECK_FLAGS ?=
 bench: broker
-	$(BIN)/python -m tests.benchmarks.pipeline
-	$(BIN)/python -m tests.benchmarks.checks
+	$(BIN)/python -m tests.benchmarks.pipeline $(BENCH_FLAGS)
+	$(BIN)/python -m tests.benchmarks.checks --rates 200,1000 $(BENCH_CHECK_FLAGS)
+	$(BIN)/python -m tests.benchmarks.state --users $(BENCH_USERS)
 	$(BIN)/python -m tests.benchmarks.history
 	$(BIN)/python -m tests.benchmarks.webhooks
 

@@ -23,7 +23,9 @@ class UsagePublisher:
         self.topics = Topics.for_namespace(settings.namespace)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True,
-            linger_ms=5, max_batch_size=256 * 1024,
+            # No linger: a check's command goes out at once. Concurrent sends still share a request, as
+            # what arrives while one is in flight waits for the next.
+            linger_ms=0, max_batch_size=256 * 1024,
         )
         self._partitions: list[int] = []
 

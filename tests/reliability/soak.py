@@ -95,9 +95,10 @@ def pytest_run(path: str, seed: int) -> dict[str, str]:
     sections = re.split(r"^_{3,} (\S+) _{3,}$", proc.stdout, flags=re.MULTILINE)
     failures = dict(zip(sections[1::2], sections[2::2], strict=True))  # test name -> its traceback
     for line in proc.stdout.splitlines():
-        if line.startswith(("PASSED ", "FAILED ", "ERROR ")):
-            word, test = line.split(" ", 1)
-            test = test.split(" - ")[0]
+        # -rA's summary lines; a captured log line ("ERROR    aiokafka:...") is not one.
+        summary = re.match(r"(PASSED|FAILED|ERROR) (tests/\S+)", line)
+        if summary:
+            word, test = summary.groups()
             # Lost or double-counted, not a timeout waiting for progress.
             audit_failed = word == "FAILED" and "AuditFailed" in failures.get(test.split("::")[-1], "")
             outcomes[test] = "passed" if word == "PASSED" else ("audit" if audit_failed else "failed")

@@ -424,31 +424,20 @@ class PartitionLedger:
         await self._queue.put(Queued(number, batch, sent, revocations, generation, len(records), started))
 
     async def _write_loop(self) -> None:
-        """Store queued batches in the order they were folded, once their outputs are acknowledged.
-
-        Whatever has queued meanwhile is stored together, one transaction per partition for all of it: the same
-        as storing the batches one after another, with nobody reading in between. Small batches (an idle
-        stream's) do not each pay a transaction.
-        """
+        """Store queued batches in the order they were folded, each once its outputs are acknowledged."""
         while True:
-            waiting = [await self._queue.get()]
-            while not self._queue.empty():
-                waiting.append(self._queue.get_nowait())
-            await asyncio.gather(*(future for queued in waiting for future in queued.sent))
-            current = [queued for queued in waiting if queued.generation == self._generation]
-            together = Batch.merged([queued.batch for queued in current])
-            stored = bool(current) and await self._write_state(together, current[0].revocations)
-            for queued in waiting:
-                self.pending.settle(queued.number, queued.batch.writes)
+            queued = await self._queue.get()
+            batch = queued.batch
+            await asyncio.gather(*queued.sent)
+            stored = queued.generation == self._generation and await self._write_state(batch, queued.revocations)
+            self.pending.settle(queued.number, batch.writes)
             if not stored:
-                if current:
-                    self._drop_queued(current[0])
+                self._drop_queued(queued)
                 continue
-            self.positions.update(together.next_offsets)
+            self.positions.update(batch.next_offsets)
             self._advanced.set()
             self._advanced = asyncio.Event()
-            for queued in current:
-                self._count(queued.batch, queued.records, time.perf_counter() - queued.started)
+            self._count(batch, queued.records, time.perf_counter() - queued.started)
 
     def _drop_queued(self, refused: Queued) -> None:
         """A batch was refused: it and every batch folded after it are dropped; folding restarts at the durable positions."""

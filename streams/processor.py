@@ -81,16 +81,6 @@ class Batch:
     # Each write as the changelog will hold it (None: a tombstone).
     encoded: dict[str, bytes | None] = field(default_factory=dict)
 
-    @classmethod
-    def merged(cls, batches: list[Batch]) -> Batch:
-        """The state of consecutive batches as one write: each key's last value, each partition's last position."""
-        together = cls()
-        for batch in batches:
-            together.writes.update(batch.writes)
-            together.encoded.update(batch.encoded)
-            together.next_offsets.update(batch.next_offsets)
-        return together
-
     def state_in_write_order(self) -> list[tuple[str, StateValue | None]]:
         """Remembered ids, then accounts, then plan histories, then positions.
 

@@ -161,34 +161,3 @@ def test_a_dead_letter_quotes_at_most_its_bound_of_a_huge_record() -> None:
     [(_topic, _key, value)] = batch.outputs
     assert len(value) < DEAD_LETTER_PAYLOAD_CHARS_MAX + 4096
     assert b"payload truncated" in value
-
-
-def test_two_batches_stored_as_one_write_survive_a_crash_after_any_prefix_of_it() -> None:
-    """The writer stores whatever has queued as one write (Batch.merged): a crash anywhere in it is safe too."""
-    from streams.processor import Batch
-
-    log = workload()
-    clean = Changelog()
-    clean_outputs = run_in_batches(log, clean, 3)
-    for start in range(0, len(log) - 6, 3):
-        before = Changelog()
-        run_in_batches(log[:start], before, 3)
-        processor = before.processor()
-        first = processor.run(log[start:start + 3])
-        pending = dict(before.values)  # the second batch folds over the first's state, not yet stored
-        for key, value in first.state_in_write_order():
-            if value is None:
-                pending.pop(key, None)
-            else:
-                pending[key] = value
-        second = UsageProcessor(TOPICS, pending.get,
-                                lambda prefix: [(k, v) for k, v in pending.items() if k.startswith(prefix)]
-                                ).run(log[start + 3:start + 6])
-        writes = Batch.merged([first, second]).state_in_write_order()
-        for kept in range(len(writes) + 1):
-            crashed = Changelog()
-            crashed.values = dict(before.values)
-            crashed.store(writes[:kept])
-            again = run_in_batches(log, crashed, 3)
-            assert crashed.encoded() == clean.encoded(), (start, kept)
-            assert set(again) <= set(clean_outputs), (start, kept)

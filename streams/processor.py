@@ -150,9 +150,8 @@ class UsageProcessor:
         What an id means never depends on a sweep (``within_horizon`` decides), so when
         one runs is free: it only bounds the table.
         """
+        self._since_sweep.update(partition_of(key) for key, value in batch.writes.items() if isinstance(value, Seen))
         for p in batch.next_offsets:
-            self._since_sweep[p] += sum(1 for key, value in batch.writes.items()
-                                        if isinstance(value, Seen) and partition_of(key) == p)
             if self._since_sweep[p] < max(self.sweep_ids_min, self._kept_at_sweep[p]):
                 continue
             kept, expired = 0, []

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from ledger.events import ClockTicked
 from ledger.settings import Settings
-from streams.codecs import STATE_CODEC, encode, kept_encoded
+from streams.codecs import STATE_CODEC, encode, table_form
 from streams.faust_consumer import RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
 from streams.pending import PendingState
@@ -527,11 +527,11 @@ class PartitionLedger:
             return False
         for writes, metadata in zip(by_partition.values(), written, strict=True):
             for (key, value), meta in zip(writes, metadata, strict=True):
-                raw = batch.encoded[key]
-                if raw is None:
+                held = table_form(value, batch.encoded[key])
+                if held is None:
                     self.table.data.pop(key, None)
                 else:
-                    self.table.data[key] = raw if kept_encoded(raw) else value
+                    self.table.data[key] = held
                 if isinstance(self.table.data, StandbyMemoryStore):
                     self.table.data.written(meta.partition, meta.offset)
         return True

@@ -51,6 +51,13 @@ def kept_encoded(raw: bytes) -> bool:
     return raw[:1] == b"[" or raw.startswith(_ACCOUNT_PREFIX)
 
 
+def table_form(value: Any, raw: bytes | None) -> Any:
+    """What the table holds for a value written as ``raw``: its bytes, the value itself, or None (a tombstone)."""
+    if raw is None:
+        return None
+    return raw if kept_encoded(raw) else value
+
+
 _ACCOUNT_PREFIX = b'{"type":"account"'  # msgspec writes the tag first
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from streams.codecs import kept_encoded
+from streams.codecs import table_form
 
 
 class PendingState:
@@ -41,7 +41,7 @@ class PendingState:
     def stage(self, number: int, writes: Iterable[tuple[str, Any, bytes | None]]) -> None:
         """Batch ``number``'s writes (key, value, encoded; None deletes), readable until it is settled."""
         for key, value, raw in writes:
-            self._values[key] = (number, None if raw is None else raw if kept_encoded(raw) else value)
+            self._values[key] = (number, table_form(value, raw))
 
     def settle(self, number: int, keys: Iterable[str]) -> None:
         """Batch ``number`` is in the table (or dropped): its writes no later batch replaced leave the overlay."""

@@ -49,6 +49,11 @@ ALREADY_APPLIED = "already_applied"
 SWEEP_IDS_MIN = 20_000
 
 
+def _decoded(value: Any) -> Any:
+    """A state value, decoded if the table keeps it as the changelog holds it (``streams.codecs.kept_encoded``)."""
+    return decode_state(value) if isinstance(value, bytes) else value
+
+
 def too_large(key: bytes | str | None, value: bytes) -> bool:
     """Whether a record of this key and value would pass RECORD_BYTES_MAX."""
     return len(key or b"") + len(value) > RECORD_BYTES_MAX
@@ -117,11 +122,12 @@ class UsageProcessor:
         records = list(records)
         batch = self._run(records, frozenset())
         oversized = frozenset(key for key, raw in batch.encoded.items() if raw is not None and too_large(key, raw))
-        if not oversized:
-            return batch
-        log.warning("state values would pass %s bytes; refusing the commands that take them there: %s",
-                    RECORD_BYTES_MAX, sorted(oversized))
-        return self._run(records, oversized)
+        if oversized:
+            log.warning("state values would pass %s bytes; refusing the commands that take them there: %s",
+                        RECORD_BYTES_MAX, sorted(oversized))
+            batch = self._run(records, oversized)
+        self._sweep(batch)  # once, on the batch that is kept
+        return batch
 
     def _run(self, records: list[Record], watched: frozenset[str]) -> Batch:
         batch = Batch()
@@ -140,8 +146,7 @@ class UsageProcessor:
                 value.applied_to = batch.next_offsets[partition_of(key)]
         for p, next_offset in batch.next_offsets.items():
             batch.writes[position_key(p)] = Position(partition=p, next_offset=next_offset)
-        self._sweep(batch)
-        batch.encoded = {key: None if value is None else encode(value) for key, value in batch.writes.items()}
+        batch.encoded = {key: encode(value) for key, value in batch.writes.items()}  # tombstones come after (_sweep)
         return batch
 
     def _sweep(self, batch: Batch) -> None:
@@ -160,20 +165,18 @@ class UsageProcessor:
                     continue
                 owner = dedup_owner(key)
                 account = batch.writes[owner] if owner in batch.writes else self.stored(owner)
-                seen = decode_state(raw) if isinstance(raw, bytes) else raw
-                if isinstance(account, Account) and within_horizon(account, seen) is not None:
+                if isinstance(account, Account) and within_horizon(account, _decoded(raw)) is not None:
                     kept += 1
                 else:
                     expired.append(key)
             for key in expired:
-                batch.writes[key] = None
+                batch.writes[key] = batch.encoded[key] = None
             log.info("partition %s: swept %s remembered id(s) past their horizon, kept %s", p, len(expired), kept)
             self._since_sweep[p], self._kept_at_sweep[p] = 0, kept
 
     def stored(self, key: str) -> Any:
         """A stored value (decoded: the table may keep it as the changelog holds it)."""
-        value = self._read_state(key)
-        return decode_state(value) if isinstance(value, bytes) else value
+        return _decoded(self._read_state(key))
 
     def answer(self, partition: int, query: SpendQueried) -> tuple[str, bytes, bytes] | None:
         """A spend query's reply (topic, key, value) from the stored state; it changes nothing."""

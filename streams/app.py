@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 from ledger.events import ClockTicked
 from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode, table_form
-from streams.faust_consumer import RewindingConsumer
+from streams.faust_consumer import READ_COMMITTED, RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
 from streams.pending import PendingState
 from streams.processor import ALREADY_APPLIED, RECORD_BYTES_MAX, Batch, Record, UsageProcessor
@@ -166,7 +166,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         broker_commit_interval=FAUST_COMMIT_INTERVAL_S,
         broker_commit_every=FAUST_COMMIT_EVERY,
     )
-    app.transport.Consumer = RewindingConsumer  # faust's, with its dropped-message bug fixed
+    app.transport.Consumer = RewindingConsumer  # faust's, reading committed, with its dropped-message bug fixed
     usage = app.topic(topics.usage, key_serializer="raw", value_serializer="raw",
                       partitions=settings.partitions)
     table = app.tables.add(PartitionedTable(
@@ -261,17 +261,29 @@ class FaultHooks:
     ``LEDGER_TEST_DROP_RECORDS="p:offset,..."``: the first delivery of these records is ignored, as
     Faust's consumer has been seen to drop a record; the processor must notice the hole.
     ``LEDGER_TEST_FAIL_BATCH=N``: the N-th batch with outputs raises after sending half of them.
+    ``LEDGER_TEST_EXIT_IN_TXN="p:offset"``: the worker exits at once (code 75) inside the state transaction
+    of the batch that applies this record, once the transaction's records are in the log: a kill -9 there.
     """
 
     drop: frozenset[tuple[int, int]] = frozenset()
     fail_batch: int = 0
+    exit_in_txn: tuple[int, int] | None = None
 
     @classmethod
     def from_env(cls) -> FaultHooks:
         drop = os.environ.get("LEDGER_TEST_DROP_RECORDS", "")
         pairs = (item.split(":") for item in drop.split(",") if item)
+        exit_at = os.environ.get("LEDGER_TEST_EXIT_IN_TXN", "")
+        p, _, offset = exit_at.partition(":")
         return cls(drop=frozenset((int(p), int(o)) for p, o in pairs),
-                   fail_batch=int(os.environ.get("LEDGER_TEST_FAIL_BATCH", "0")))
+                   fail_batch=int(os.environ.get("LEDGER_TEST_FAIL_BATCH", "0")),
+                   exit_in_txn=(int(p), int(offset)) if exit_at else None)
+
+    def exits_in_txn(self, partition: int, start: int, end: int) -> bool:
+        """Whether a state transaction of ``partition`` covering offsets [start, end) is the one to exit in."""
+        if self.exit_in_txn is None or self.exit_in_txn[0] != partition:
+            return False
+        return start <= self.exit_in_txn[1] < end
 
 
 class PartitionLedger:
@@ -557,6 +569,9 @@ class PartitionLedger:
             sent = [await producer.send(self.changelog, batch.encoded[key], key=encode(key), partition=p)
                     for key, _value in writes]
             metadata = [await fut for fut in sent]
+            if self.hooks.exits_in_txn(p, self.positions.get(p, 0), batch.next_offsets[p]):
+                log.warning("test hook: exiting inside the state transaction of partition %s", p)
+                _exit_now(75)
         await self._tail(p, batch.next_offsets[p])
         return metadata
 
@@ -609,7 +624,8 @@ class PartitionLedger:
 
         if self._refetcher is None:
             self._refetcher = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap, group_id=None,
-                                               enable_auto_commit=False, auto_offset_reset="earliest")
+                                               enable_auto_commit=False, auto_offset_reset="earliest",
+                                               isolation_level=READ_COMMITTED)
             await self._refetcher.start()
         tp = TopicPartition(self.topic, p)
         self._refetcher.assign([tp])

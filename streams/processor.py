@@ -89,7 +89,8 @@ class Batch:
     def state_in_write_order(self) -> list[tuple[str, StateValue | None]]:
         """Remembered ids, then accounts, then plan histories, then positions.
 
-        A crash may leave any prefix of these in the changelog. An id is only seen
+        A partition's writes are one transaction, and a restore reads only committed
+        ones; the order still makes any prefix of them safe to restore. An id is only seen
         while its number is within its account's count, so an id stored without its
         account means nothing, and the batch applied again stores it again; an account
         is never stored without the ids it counts. Accounts read plan histories (never

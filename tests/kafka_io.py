@@ -33,11 +33,16 @@ def publish_raw(settings: Settings, records: Iterable[tuple[bytes | None, bytes]
 
 
 def read_partitions(settings: Settings, topic: str) -> dict[int, list[tuple[bytes | None, bytes]]]:
-    """Every record of a topic, per partition, in order."""
+    """Every committed record of a topic, per partition, in order.
+
+    Committed, as a restore reads the account changelog: an aborted transaction's records are
+    not state, and Kafka's log cleaner removes them. (Outputs are not transactional.)
+    """
     async def go() -> dict[int, list[tuple[bytes | None, bytes]]]:
         parts = (await partitions_of(settings.bootstrap, (topic,)))[topic]
         consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, group_id=None,
-                                    enable_auto_commit=False, auto_offset_reset="earliest")
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    isolation_level="read_committed")
         await consumer.start()
         try:
             tps = [TopicPartition(topic, p) for p in parts]

@@ -52,6 +52,25 @@ def test_an_exception_mid_batch_stops_the_worker_and_a_restart_loses_nothing(set
     audit(settings, users, events)
 
 
+def test_a_worker_killed_inside_a_state_transaction_leaves_nothing_a_restore_uses(settings, worker_factory):
+    # Given a worker that dies inside the state transaction of a partition's last batch, its records in the log
+    # (the batch is the last to touch its users: no later batch writes their accounts again),
+    users, setup, events = workload(100, 5_000)
+    publish(settings, setup)
+    publish(settings, events)
+    usage = Topics.for_namespace(settings.namespace).usage
+    p, rows = max(read_partitions(settings, usage).items(), key=lambda kv: len(kv[1]))
+    dying = worker_factory(settings, env={"LEDGER_TEST_EXIT_IN_TXN": f"{p}:{len(rows) - 1}"}).start()
+    projector = ProjectorProcess(settings).start()
+    assert dying.wait_exit(timeout_s=120) == 75, dying.log_tail()
+    assert "test hook: exiting inside the state transaction" in dying.log_tail(200)
+    # then the next worker aborts that transaction and restores none of it: it applies the batch again,
+    worker = worker_factory(settings).start()
+    run_to_the_end(settings, worker, projector)
+    # and the committed changelog, all that Kafka's log cleaner leaves of it, holds every event.
+    audit(settings, users, events)
+
+
 def test_records_faust_fails_to_deliver_are_fetched_again_in_order(settings, worker_factory):
     # Given a worker that ignores the first delivery of three records (as Faust's consumer has been seen to),
     users, setup, events = workload(100, 5_000)

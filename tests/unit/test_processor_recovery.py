@@ -1,8 +1,9 @@
 """The processor applied again after a crash at any point of its state writes: same state, no new facts.
 
 The worker sends a batch's outputs, then its state in ``Batch.state_in_write_order``,
-then its position. A kill -9 leaves any prefix of those state writes in the
-changelog. Re-reading from the stored position must give the state of a run that
+then its position, in one transaction per partition; a restore reads committed
+state only, so it finds all of a partition's writes or none. The order is kept so
+that even a prefix would be safe: re-reading from the stored position must give the state of a run that
 never crashed, and every output it emits again must be one already emitted, byte
 for byte. Here the changelog is a dict and the log a list, so every prefix is tried.
 """

@@ -517,7 +517,7 @@ class PartitionLedger:
         whatever it had queued. Within a transaction the order is accounts, plan
         histories, position (see ``Batch.state_in_write_order``). After the commit, a
         plain record (``"<p>:tail"``) follows, so that a partition never ends in a
-        transaction marker, which Faust's recovery would wait 5 s for.
+        transaction marker, which Faust's recovery would wait for until a record follows.
         """
         by_partition: dict[int, list[tuple[str, Any]]] = {}  # a value of None deletes its key
         for key, value in batch.state_in_write_order():

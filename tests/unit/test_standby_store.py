@@ -51,3 +51,17 @@ def test_a_tombstone_in_the_changelog_deletes_its_key_and_no_key_index_is_kept(t
     assert key not in store and store["1:a:acme/u"] == "v"
     assert store.persisted_offset(TP(CHANGELOG, 1)) == 2
     assert store._key_partition == {}
+
+
+def test_the_worker_restores_and_follows_the_changelog_read_committed(tmp_path: Path) -> None:
+    # A killed worker's open transaction is aborted by the next owner; read uncommitted, a restore applied it
+    # anyway, and Kafka's log cleaner later dropped what that restore had built on (docs/crash-safety.md, point 3).
+    async def isolation_level() -> str:
+        app = create_app(Settings(home=tmp_path, namespace="ns", external_bootstrap="127.0.0.1:1"))
+        consumer = app.consumer._thread._create_worker_consumer(app.transport)  # built, never started
+        try:
+            return consumer._isolation_level
+        finally:
+            await consumer.stop()
+
+    assert asyncio.run(isolation_level()) == "read_committed"

@@ -36,19 +36,24 @@ def run_to_the_end(settings: Settings, worker, projector: ProjectorProcess) -> N
     projector.stop()
 
 
+def exit_and_restart(settings: Settings, worker_factory, env: dict[str, str], code: int, says: str) -> None:  # type: ignore[no-untyped-def]
+    """A worker with a fault hook exits with ``code``, its log saying ``says``; a fresh worker then finishes the log."""
+    dying = worker_factory(settings, env=env).start()
+    projector = ProjectorProcess(settings).start()
+    assert dying.wait_exit(timeout_s=120) == code, dying.log_tail()
+    assert says in dying.log_tail(200)
+    run_to_the_end(settings, worker_factory(settings).start(), projector)
+
+
 def test_an_exception_mid_batch_stops_the_worker_and_a_restart_loses_nothing(settings, worker_factory):
     # Given a worker whose 20th batch fails after sending half of its outputs,
     users, setup, events = workload(200, 20_000)
     publish(settings, setup)
     publish(settings, events)
-    failing = worker_factory(settings, env={"LEDGER_TEST_FAIL_BATCH": "20"}).start()
-    projector = ProjectorProcess(settings).start()
     # then the worker exits non-zero rather than acknowledging the batch,
-    assert failing.wait_exit(timeout_s=120) == 70, failing.log_tail()
-    assert "processing failed; stopping the worker" in failing.log_tail(200)
     # and a restarted worker applies the batch again: nothing lost, nothing counted twice.
-    worker = worker_factory(settings).start()
-    run_to_the_end(settings, worker, projector)
+    exit_and_restart(settings, worker_factory, {"LEDGER_TEST_FAIL_BATCH": "20"}, 70,
+                     "processing failed; stopping the worker")
     audit(settings, users, events)
 
 
@@ -60,13 +65,9 @@ def test_a_worker_killed_inside_a_state_transaction_leaves_nothing_a_restore_use
     publish(settings, events)
     usage = Topics.for_namespace(settings.namespace).usage
     p, rows = max(read_partitions(settings, usage).items(), key=lambda kv: len(kv[1]))
-    dying = worker_factory(settings, env={"LEDGER_TEST_EXIT_IN_TXN": f"{p}:{len(rows) - 1}"}).start()
-    projector = ProjectorProcess(settings).start()
-    assert dying.wait_exit(timeout_s=120) == 75, dying.log_tail()
-    assert "test hook: exiting inside the state transaction" in dying.log_tail(200)
     # then the next worker aborts that transaction and restores none of it: it applies the batch again,
-    worker = worker_factory(settings).start()
-    run_to_the_end(settings, worker, projector)
+    exit_and_restart(settings, worker_factory, {"LEDGER_TEST_EXIT_IN_TXN": f"{p}:{len(rows) - 1}"}, 75,
+                     "test hook: exiting inside the state transaction")
     # and the committed changelog, all that Kafka's log cleaner leaves of it, holds every event.
     audit(settings, users, events)
 

@@ -144,6 +144,21 @@ class PlanPublished(Command, frozen=True, tag="plan_published"):
 AnyCommand = UsageRecorded | PlanAssigned | PlanPublished | ToppedUp | CheckRequested | SpendQueried | ClockTicked
 UserCommand = UsageRecorded | PlanAssigned | ToppedUp | CheckRequested | SpendQueried
 
+ENVELOPE_COMMANDS_MAX = 1000
+
+
+class Envelope(msgspec.Struct, frozen=True, tag="envelope", tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    """Many commands of one usage-log partition in one record: usage, plan assignments, top-ups and checks.
+
+    The processor's consumer pays about the same per record whatever it holds, so volume
+    travels this way. Each command is read apart from the others (``msgspec.Raw``): a bad
+    one is dead-lettered alone. Each keeps its id and its place in its user's order (the
+    list's order), and each command's user must belong to the record's partition. A record
+    holding one plain command stays valid.
+    """
+
+    commands: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=ENVELOPE_COMMANDS_MAX)]
+
 
 def user_key(tenant: str, user: str) -> str:
     """The Kafka key of everything about one user: one partition, one order."""

@@ -8,12 +8,13 @@ import msgspec
 from faust.serializers import codecs
 
 from ledger.account import Account, PlanHistory, Seen
-from ledger.events import AnyCommand
+from ledger.events import AnyCommand, Envelope
 from streams.state import Position
 
 STATE_CODEC = "ledger_state"
 
 _command_decoder = msgspec.json.Decoder(AnyCommand)
+_record_decoder = msgspec.json.Decoder(AnyCommand | Envelope)
 _state_decoder = msgspec.json.Decoder(Account | PlanHistory | Position)
 _seen_decoder = msgspec.json.Decoder(Seen)  # an array, the only one: msgspec cannot tag it beside the others
 _encoder = msgspec.json.Encoder()
@@ -22,8 +23,13 @@ encode = _encoder.encode
 
 
 def decode_command(raw: bytes) -> AnyCommand:
-    """Decode one usage-log record; raises msgspec.DecodeError (incl. ValidationError)."""
+    """Decode one command; raises msgspec.DecodeError (incl. ValidationError)."""
     return _command_decoder.decode(raw)
+
+
+def decode_record(raw: bytes) -> AnyCommand | Envelope:
+    """Decode one usage-log record: a command, or an envelope of them (each still undecoded)."""
+    return _record_decoder.decode(raw)
 
 
 class StateCodec(codecs.Codec):

@@ -29,10 +29,10 @@ from typing import Any
 import msgspec
 
 from ledger.account import Account, Decision, PlanHistory, Result, Seen, clone, decide, within_horizon
-from ledger.events import ClockTicked, PlanPublished, Rejection, SpendQueried, user_key
-from streams.codecs import decode_command, decode_state, encode
+from ledger.events import ClockTicked, Envelope, PlanPublished, Rejection, SpendQueried, user_key
+from streams.codecs import decode_command, decode_record, decode_state, encode
 from streams.state import Position, account_key, dedup_key, dedup_owner, partition_of, plan_key, position_key
-from streams.topics import Topics
+from streams.topics import Topics, partition_for_key
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,20 @@ def too_large(key: bytes | str | None, value: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Record:
-    """One usage-log record as read from Kafka."""
+    """One usage-log record as read from Kafka, or one command of an envelope record (``index``, its place in it)."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    index: int | None = None
+
+    @property
+    def source_id(self) -> str:
+        """The command's place in the log, unique and the same on every replay."""
+        place = f"{self.topic}:{self.partition}:{self.offset}"
+        return place if self.index is None else f"{place}:{self.index}"
 
 
 @dataclass
@@ -102,10 +109,29 @@ class Batch:
         return sorted(self.writes.items(), key=lambda kv: rank[kv[0].split(":", 2)[1]])
 
 
+def _commands(record: Record) -> list[tuple[Record, Any]]:
+    """A record's commands, each with its own record (its bytes, its place) and its decoding or DecodeError."""
+    try:
+        decoded = decode_record(record.value or b"")
+    except msgspec.DecodeError as exc:
+        return [(record, exc)]
+    if not isinstance(decoded, Envelope):
+        return [(record, decoded)]
+    units: list[tuple[Record, Any]] = []
+    for index, raw in enumerate(decoded.commands):
+        unit = Record(record.topic, record.partition, record.offset, record.key, bytes(raw), index)
+        try:
+            units.append((unit, decode_command(unit.value or b"")))
+        except msgspec.DecodeError as exc:  # this command alone is dead-lettered
+            units.append((unit, exc))
+    return units
+
+
 class UsageProcessor:
     def __init__(self, topics: Topics, read_state: Callable[[str], Any],
-                 scan_state: Callable[[str], Iterable[tuple[str, Any]]] = lambda prefix: ()) -> None:
+                 scan_state: Callable[[str], Iterable[tuple[str, Any]]] = lambda prefix: (), partitions: int = 8) -> None:
         self.topics = topics
+        self.partitions = partitions  # of the usage log: an envelope's commands must belong to its partition
         self._watched: frozenset[str] = frozenset()  # keys whose every new value is measured (see run)
         self._read_state = read_state
         self._scan_state = scan_state
@@ -135,13 +161,14 @@ class UsageProcessor:
         self._watched = watched
         for record in records:
             batch.next_offsets[record.partition] = record.offset + 1
-            try:
-                result = self._apply(record, batch)
-            except Exception as exc:  # a poison record must not stop the partition: it alone is set aside
-                log.exception("processing failed on %s:%s@%s", record.topic, record.partition, record.offset)
-                self._reject(batch, record, "internal_error", f"internal error: {type(exc).__name__}")
-                result = Result.rejected
-            batch.results[result if isinstance(result, str) else result.value] += 1
+            for unit, command in _commands(record):
+                try:
+                    result = self._apply(unit, command, batch)
+                except Exception as exc:  # a poison command must not stop the partition: it alone is set aside
+                    log.exception("processing failed on %s", unit.source_id)
+                    self._reject(batch, unit, "internal_error", f"internal error: {type(exc).__name__}")
+                    result = Result.rejected
+                batch.results[result if isinstance(result, str) else result.value] += 1
         for key, value in batch.writes.items():
             if isinstance(value, Account | PlanHistory):
                 value.applied_to = batch.next_offsets[partition_of(key)]
@@ -201,31 +228,31 @@ class UsageProcessor:
             return decode_state(raw)  # a new object: the fold may change it
         return clone(raw) if isinstance(raw, Account) else raw  # plan histories are replaced, never changed
 
-    def _apply(self, record: Record, batch: Batch) -> Result | str:
+    def _apply(self, record: Record, command: Any, batch: Batch) -> Result | str:
+        """Fold one command (or dead-letter why it did not decode): a plain record's, or one of an envelope's."""
         def read(key: str) -> Any:
             return self.read(batch, key)
 
-        try:
-            command = decode_command(record.value or b"")
-        except msgspec.DecodeError as exc:
-            self._reject(batch, record, "invalid_event", f"invalid event: {exc}")
+        if isinstance(command, msgspec.DecodeError):
+            self._reject(batch, record, "invalid_event", f"invalid event: {command}")
             return Result.rejected
         p = record.partition
+        if record.index is not None and isinstance(command, ClockTicked | PlanPublished | SpendQueried):
+            self._reject(batch, record, "invalid_event", f"invalid event: a {type(command).__name__} cannot travel in "
+                         "an envelope (it belongs to every partition, or beside the log)", command)
+            return Result.rejected
         if isinstance(command, ClockTicked):
             self._tick(command, record.offset, p, batch, read)
             return Result.ok
-        if not isinstance(command, PlanPublished):
-            expected = user_key(command.tenant, command.user).encode()
-            if record.key != expected:
-                self._reject(batch, record, "wrong_key",
-                             f"record key {record.key!r} must be {expected!r} (tenant/user) so that "
-                             "one user's events share one partition", command)
-                return Result.rejected
         if isinstance(command, PlanPublished):
             akey, stored = None, read(plan_key(p, command.tenant, command.plan.plan_id))
         else:
             akey = account_key(p, command.tenant, command.user)
             stored = read(akey)
+            misplaced = self._misplaced(record, command, stored)
+            if misplaced:
+                self._reject(batch, record, "wrong_key", misplaced, command)
+                return Result.rejected
         if stored is not None and record.offset < stored.applied_to:
             return ALREADY_APPLIED
         try:
@@ -239,6 +266,21 @@ class UsageProcessor:
         if not self._collect(decision, record, command, akey, batch) and decision.result is Result.ok:
             return Result.rejected  # too large to emit
         return decision.result
+
+    def _misplaced(self, record: Record, command: Any, stored: Any) -> str | None:
+        """Why a user's command is in the wrong place of the log (its user's records must share one partition)."""
+        expected = user_key(command.tenant, command.user).encode()
+        if record.index is None:
+            if record.key != expected:
+                return (f"record key {record.key!r} must be {expected!r} (tenant/user) so that "
+                        "one user's events share one partition")
+            return None
+        # In an envelope the record's key is not the user's: the partition is checked instead. An account
+        # already in this partition was put here by a command checked before, so only a new one costs a hash.
+        if stored is None and partition_for_key(expected, self.partitions) != record.partition:
+            return (f"user {expected.decode()!r} belongs to partition {partition_for_key(expected, self.partitions)}, "
+                    f"not {record.partition}: an envelope holds the commands of its own partition only")
+        return None
 
     def _tick(self, tick: ClockTicked, offset: int, partition: int, batch: Batch, read: Callable[[str], Any]) -> None:
         """A clock tick applies to every account of its partition (that does not already hold it)."""
@@ -306,7 +348,7 @@ class UsageProcessor:
             payload, reason = payload[:DEAD_LETTER_PAYLOAD_CHARS_MAX], f"{reason} (payload truncated)"
         key = record.key[:DEAD_LETTER_KEY_BYTES_MAX] if record.key is not None else None
         rejection = Rejection(
-            rejection_id=f"{record.topic}:{record.partition}:{record.offset}",
+            rejection_id=record.source_id,
             code=code, reason=reason,
             key=key.decode("utf-8", "replace") if key is not None else None,
             payload=payload, payload_encoding=encoding,

@@ -1,18 +1,72 @@
-"""Writes commands to the usage log: keyed by user, plan versions to every partition."""
+"""Writes commands to the usage log: a user's to the user's partition, plan versions and ticks to every partition.
+
+A user's commands go out in envelopes (``ledger.events.Envelope``): the consecutive
+commands of one partition share one record, since the processor's consumer pays
+per record. A lone command is a plain record keyed by its user, as any other
+producer writes it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import msgspec
 from aiokafka import AIOKafkaProducer
 
-from ledger.events import AnyCommand, ClockTicked, PlanPublished, user_key
+from ledger.events import ENVELOPE_COMMANDS_MAX, AnyCommand, ClockTicked, Envelope, PlanPublished, user_key
 from ledger.settings import Settings
 from streams.codecs import encode
-from streams.topics import Topics, ensure_topics
+from streams.topics import Topics, ensure_topics, partition_for_key
 
 PLANS_KEY = b"~plans"
 CLOCK_KEY = b"~clock"
+ENVELOPE_KEY = b"~envelope"
+# An envelope stays under the producer's max_batch_size, so it never travels in a request of its own.
+ENVELOPE_BYTES_MAX = 200 * 1024
+
+
+def usage_records(commands: Iterable[AnyCommand], partitions: int, envelopes: bool = True
+                  ) -> list[tuple[int, bytes, bytes]]:
+    """The records (partition, key, value) that carry ``commands``, each partition's in the commands' order.
+
+    With ``envelopes``, the consecutive user commands of a partition (between two broadcasts)
+    share envelopes of at most ENVELOPE_COMMANDS_MAX commands and ENVELOPE_BYTES_MAX bytes.
+    """
+    records: list[tuple[int, bytes, bytes]] = []
+    waiting: dict[int, list[tuple[bytes, bytes]]] = {}  # per partition: (key, value) of user commands not yet out
+
+    def flush() -> None:
+        for p, items in waiting.items():
+            records.extend((p, key, value) for key, value in (_enveloped(items) if envelopes else items))
+        waiting.clear()
+
+    for command in commands:
+        value = encode(command)
+        if isinstance(command, PlanPublished | ClockTicked):  # every partition needs to see these
+            flush()
+            key = PLANS_KEY if isinstance(command, PlanPublished) else CLOCK_KEY
+            records.extend((p, key, value) for p in range(partitions))
+        else:
+            key = user_key(command.tenant, command.user).encode()
+            waiting.setdefault(partition_for_key(key, partitions), []).append((key, value))
+    flush()
+    return records
+
+
+def _enveloped(items: list[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:
+    """One partition's user commands in envelopes; a command left alone is a plain record."""
+    start = 0
+    while start < len(items):
+        end, size = start, 0
+        while end < len(items) and end - start < ENVELOPE_COMMANDS_MAX and (
+                end == start or size + len(items[end][1]) + 1 <= ENVELOPE_BYTES_MAX):
+            size += len(items[end][1]) + 1
+            end += 1
+        if end - start == 1:
+            yield items[start]
+        else:
+            yield ENVELOPE_KEY, encode(Envelope(commands=[msgspec.Raw(value) for _key, value in items[start:end]]))
+        start = end
 
 
 class UsagePublisher:
@@ -42,18 +96,10 @@ class UsagePublisher:
     async def __aexit__(self, *exc: object) -> None:
         await self._producer.stop()
 
-    async def publish(self, commands: Iterable[AnyCommand]) -> int:
-        """Send commands in order and wait until the broker has them all."""
-        pending = []
-        for command in commands:
-            value = encode(command)
-            if isinstance(command, PlanPublished | ClockTicked):  # every partition needs to see these
-                key = PLANS_KEY if isinstance(command, PlanPublished) else CLOCK_KEY
-                for partition in self._partitions:
-                    pending.append(await self._producer.send(self.topics.usage, value, key=key, partition=partition))
-            else:
-                key = user_key(command.tenant, command.user).encode()
-                pending.append(await self._producer.send(self.topics.usage, value, key=key))
+    async def publish(self, commands: Iterable[AnyCommand], *, envelopes: bool = True) -> int:
+        """Send commands (see ``usage_records``) and wait until the broker has them all; how many records it took."""
+        pending = [await self._producer.send(self.topics.usage, value, key=key, partition=p)
+                   for p, key, value in usage_records(commands, len(self._partitions), envelopes)]
         for fut in pending:
             await fut
         return len(pending)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from ledger.settings import Settings
 
@@ -21,6 +22,11 @@ KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 KEPT_FOREVER = {**KEEP_FOREVER, "cleanup.policy": "delete"}
 # Spend queries are questions, not facts: kept an hour, long enough for any worker to answer them.
 TRANSIENT = {"retention.ms": str(3600 * 1000)}
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The partition a keyed record goes to, as every producer of ours picks it (murmur2, as Kafka's Java client)."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class TopicConfigError(RuntimeError):

@@ -9,8 +9,9 @@ from typing import TypeVar
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ledger.events import AnyCommand, GateEvent, LedgerEntry, Rejection
+from ledger.events import AnyCommand, Envelope, GateEvent, LedgerEntry, Rejection
 from ledger.settings import Settings
+from streams.codecs import decode_command, decode_record
 from streams.publisher import UsagePublisher
 from streams.topics import Topics, partitions_of
 
@@ -61,6 +62,17 @@ def read_partitions(settings: Settings, topic: str) -> dict[int, list[tuple[byte
         finally:
             await consumer.stop()
     return asyncio.run(go())
+
+
+def usage_log(settings: Settings) -> list[tuple[int, bytes | None, AnyCommand]]:
+    """Every command on the usage log, with its record's partition and key; an envelope's one by one."""
+    out: list[tuple[int, bytes | None, AnyCommand]] = []
+    for p, records in read_partitions(settings, Topics.for_namespace(settings.namespace).usage).items():
+        for key, value in records:
+            decoded = decode_record(value)
+            inner = [decode_command(raw) for raw in decoded.commands] if isinstance(decoded, Envelope) else [decoded]
+            out.extend((p, key, command) for command in inner)
+    return out
 
 
 def read_all(settings: Settings, topic: str) -> list[bytes]:

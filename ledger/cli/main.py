@@ -359,7 +359,8 @@ def demo(timeout: float) -> None:
         return sent + 2
 
     sent = asyncio.run(go())
-    click.echo(f"published {sent} usage records; processed and projected into {settings.history_path}\n")
+    click.echo(f"published {len(usage) + 2} usage events in {sent} records (a partition's events share envelopes); "
+               f"processed and projected into {settings.history_path}\n")
     with connect(settings.history_path, read_only=True) as con:
         click.echo(format_report(con, tenant_id, DEMO_TENANT))
     read_key = _demo_read_key(settings, tenant_id)

@@ -26,10 +26,8 @@ from ledger.control.outbox import enqueue
 from ledger.control.store import ControlStore
 from ledger.events import AnyCommand, PlanAssigned, PlanPublished
 from ledger.settings import Settings
-from streams.codecs import decode_command
-from streams.topics import Topics
 from tests.factories import seed_plans
-from tests.kafka_io import read_partitions
+from tests.kafka_io import usage_log
 
 pytestmark = pytest.mark.integration
 
@@ -92,9 +90,8 @@ def statuses(responses: Sequence[httpx.Response]) -> Counter[int]:
     return Counter(r.status_code for r in responses)
 
 
-def usage_log(settings: Settings) -> list[AnyCommand]:
-    return [decode_command(value) for records in read_partitions(settings, Topics.for_namespace(settings.namespace)
-                                                                 .usage).values() for _, value in records]
+def commands(settings: Settings) -> list[AnyCommand]:
+    return [command for _p, _key, command in usage_log(settings)]
 
 
 def test_fifty_parallel_user_creations_and_plan_patches_and_twenty_ingests_never_answer_500(db_settings):
@@ -128,7 +125,7 @@ def test_fifty_parallel_user_creations_and_plan_patches_and_twenty_ingests_never
         newest = asyncio.run(_all([("GET", f"/config/plans/{plan_id}", None)], base, b))[0].json()
         assert newest["version"] == 51
 
-    log = usage_log(db_settings)
+    log = commands(db_settings)
     versions = Counter(c.plan.version for c in log if isinstance(c, PlanPublished))
     assert versions == {v: db_settings.partitions for v in range(1, 52)}, "each version on every partition once"
     assert len([c for c in log if isinstance(c, PlanAssigned)]) == 50
@@ -194,7 +191,7 @@ def test_a_change_recorded_but_not_published_before_a_crash_is_published_at_the_
     with store.session() as session:  # what a unit of work commits before the process is killed
         session.add_plan_version(tenant_id, plan)
         enqueue(session, tenant_id, [plan_published(tenant_id, plan)])
-    assert not [c for c in usage_log(settings) if isinstance(c, PlanPublished)]
+    assert not [c for c in commands(settings) if isinstance(c, PlanPublished)]
 
     with serving(settings) as base:
         deadline = time.monotonic() + 30
@@ -204,7 +201,7 @@ def test_a_change_recorded_but_not_published_before_a_crash_is_published_at_the_
         assert asyncio.run(_all([("GET", "/config/plans", None)], base, _admin_key(store, tenant_id)))[0] \
             .json()["plans"][0]["version"] == 1
     store.dispose()
-    published = [c for c in usage_log(settings) if isinstance(c, PlanPublished)]
+    published = [c for c in commands(settings) if isinstance(c, PlanPublished)]
     assert [(c.plan.plan_id, c.plan.version) for c in published] == [(plan.plan_id, 1)] * settings.partitions
 
 

@@ -24,9 +24,7 @@ from ledger.plans import (
     TOOL_NAME_LENGTH_MAX,
 )
 from ledger.settings import Settings
-from streams.codecs import decode_command
-from streams.topics import Topics
-from tests.kafka_io import read_partitions
+from tests.kafka_io import usage_log
 
 pytestmark = pytest.mark.integration
 RATE = {"input": 1, "output": 2}
@@ -60,7 +58,8 @@ def refused(response, status: int, bound: str) -> None:  # type: ignore[no-untyp
 
 
 def log_size(settings: Settings) -> int:
-    return sum(len(r) for r in read_partitions(settings, Topics.for_namespace(settings.namespace).usage).values())
+    """How many commands the usage log holds (an envelope holds many)."""
+    return len(usage_log(settings))
 
 
 # -- rate per key ---------------------------------------------------------------------------------------------------
@@ -197,8 +196,7 @@ def test_a_request_of_more_plans_or_tiers_than_the_bound_is_refused_and_writes_n
             "tiers_per_file_max")
     assert log_size(settings) == 0
     assert a.call("POST", "/config/plans", json={"plans": plans["plans"][:PLANS_PER_FILE_MAX]}).status_code == 201
-    published = [decode_command(v) for records in read_partitions(
-        settings, Topics.for_namespace(settings.namespace).usage).values() for _, v in records]
+    published = [command for _p, _key, command in usage_log(settings)]
     assert len(published) == PLANS_PER_FILE_MAX * settings.partitions
 
 

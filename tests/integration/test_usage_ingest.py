@@ -15,11 +15,11 @@ from ledger.api.app import create_api
 from ledger.api.usage import EVENTS_PER_REQUEST_MAX
 from ledger.control.keys import Scope
 from ledger.control.store import ControlStore
-from ledger.events import UsageRecorded
+from ledger.events import UsageRecorded, user_key
 from ledger.settings import Settings
-from streams.codecs import decode_command
-from streams.topics import Topics
-from tests.kafka_io import read_partitions
+from streams.publisher import ENVELOPE_KEY
+from streams.topics import partition_for_key
+from tests.kafka_io import usage_log
 
 pytestmark = pytest.mark.integration
 
@@ -43,13 +43,16 @@ def post(client: TestClient, key: str, body: object) -> tuple[int, object]:
     return response.status_code, response.json()
 
 
-def logged(settings: Settings) -> list[tuple[bytes | None, UsageRecorded]]:
+def logged(settings: Settings) -> list[tuple[bytes, UsageRecorded]]:
+    """(key the user's records are routed by, command) of every command on the usage log, checked to be in its
+    user's partition; an envelope's commands share a record, so its key is theirs only for a plain record."""
     out = []
-    for records in read_partitions(settings, Topics.for_namespace(settings.namespace).usage).values():
-        for key, value in records:
-            command = decode_command(value)
-            assert isinstance(command, UsageRecorded)
-            out.append((key, command))
+    for partition, key, command in usage_log(settings):
+        assert isinstance(command, UsageRecorded)
+        routed_by = user_key(command.tenant, command.user).encode()
+        assert partition == partition_for_key(routed_by, settings.partitions)
+        assert key in (routed_by, ENVELOPE_KEY)
+        out.append((routed_by, command))
     return out
 
 

@@ -18,10 +18,10 @@ from streams.topics import Topics, partitions_of
 T = TypeVar("T")
 
 
-def publish(settings: Settings, commands: Iterable[AnyCommand]) -> None:
+def publish(settings: Settings, commands: Iterable[AnyCommand], envelopes: bool = True) -> None:
     async def go() -> None:
         async with UsagePublisher(settings) as publisher:
-            await publisher.publish(list(commands))
+            await publisher.publish(list(commands), envelopes=envelopes)
     asyncio.run(go())
 
 

@@ -252,13 +252,15 @@ def steady_state(settings: Settings, setup: list[AnyCommand], history: list[Usag
                   cpu_us_per_event=cpu / len(measured) * 1e6, changelog=written)
 
 
-def fresh_namespace(bootstrap: str, home: Path, setup: list, calls: list) -> tuple[Settings, float]:  # type: ignore[type-arg]
-    """A new namespace holding the workload; returns it and the publish time."""
+def fresh_namespace(bootstrap: str, home: Path, setup: list, calls: list,  # type: ignore[type-arg]
+                    envelopes: bool = True) -> tuple[Settings, float]:
+    """A new namespace holding the workload (a partition's commands in envelopes, or one per record); returns it
+    and the publish time."""
     settings = new_settings(bootstrap, home)
     asyncio.run(ensure_topics(settings))
     t = time.perf_counter()
     publish(settings, setup)
-    publish(settings, calls)
+    publish(settings, calls, envelopes=envelopes)
     return settings, time.perf_counter() - t
 
 
@@ -282,8 +284,9 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     setup, calls = workload(args.users, args.events)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    # One namespace per run: each run's group starts from offset 0 and writes its own entries topic.
-    one, publish_s = fresh_namespace(bootstrap, home / "one", setup, calls)
+    # One namespace per run: each run's group starts from offset 0 and writes its own entries topic. The ceiling
+    # and the floor are per record: they read the namespace of one command per record, as other producers write.
+    one, publish_s = fresh_namespace(bootstrap, home / "one", setup, calls, envelopes=False)
     namespaces = {one.namespace}
     runs: dict[str, Run] = {}
     floors: list[Floor] = []
@@ -298,18 +301,21 @@ def main() -> None:
         runs["1 worker"] = processor_rate(one, args.events, workers=1, follow_changelog=True)
         young = runs["1 worker"].changelog
         assert young is not None
+        enveloped, enveloped_publish_s = fresh_namespace(bootstrap, home / "enveloped", setup, calls)
+        namespaces.add(enveloped.namespace)
+        runs["1 worker, envelopes"] = processor_rate(enveloped, args.events, workers=1)
         if not args.no_two_workers:
             two, _ = fresh_namespace(bootstrap, home / "two", setup, calls)
             namespaces.add(two.namespace)
-            runs["2 workers"] = processor_rate(two, args.events, workers=2)
+            runs["2 workers, envelopes"] = processor_rate(two, args.events, workers=2)
             two_bare, _ = fresh_namespace(bootstrap, home / "two-bare", setup, calls)
             namespaces.add(two_bare.namespace)
-            runs["2 workers, no standby"] = processor_rate(two_bare, args.events, workers=2, standby_replicas=0)
+            runs["2 workers, envelopes, no standby"] = processor_rate(two_bare, args.events, workers=2, standby_replicas=0)
         if args.profile_seconds > 0:
             profiled, _ = fresh_namespace(bootstrap, home / "profiled", setup, calls)
             namespaces.add(profiled.namespace)
             profile = Profile(args.profile_dir / time.strftime("%Y%m%d-%H%M%S"), args.profile_seconds, [])
-            runs["1 worker, profiled"] = processor_rate(profiled, args.events, workers=1, profile=profile)
+            runs["1 worker, envelopes, profiled"] = processor_rate(profiled, args.events, workers=1, profile=profile)
         steady_settings = new_settings(bootstrap, home / "steady")
         asyncio.run(ensure_topics(steady_settings))
         namespaces.add(steady_settings.namespace)
@@ -325,7 +331,9 @@ def main() -> None:
     print(f"\nworkload: {args.events:,} usage events over {args.users:,} users, {one.partitions} partitions, "
           f"{os.cpu_count()} CPUs shared with the broker (and anyone else on the machine)")
     print(f"load average before the runs:                 {load_before}")
-    print(f"publish (aiokafka producer, acks=all):        {args.events / publish_s:>10,.0f} events/s")
+    print(f"publish (aiokafka producer, acks=all):        {args.events / publish_s:>10,.0f} events/s one per record, "
+          f"{args.events / enveloped_publish_s:,.0f} events/s in envelopes")
+    print("runs on single-command records unless named 'envelopes'")
     print(f"ceiling: raw aiokafka consume + decode:       {raw:>10,.0f} events/s (one consumer, same topic)")
     for f in floors:
         call = "take_events(5000, within=0.01)" if f.mode == "take_events" else "events()"
@@ -334,9 +342,9 @@ def main() -> None:
               f"= {f.rate / raw:.1%} of the raw rate")
     for name, run in runs.items():
         shares = " / ".join(f"{n:,.0f}" for n in run.shares)
-        print(f"processor, {name + ',':<22} sustained (10%..90%): {run.sustained:>8,.0f} events/s "
+        print(f"processor, {name + ',':<36} sustained (10%..90%): {run.sustained:>8,.0f} events/s "
               f"= {run.sustained / floor.rate:.2f}x the do-nothing agent, {run.sustained / raw:.1%} of the raw rate, "
-              f"{run.sustained / runs['1 worker'].sustained:.2f}x one worker; "
+              f"{run.sustained / runs['1 worker'].sustained:.2f}x one worker on single-command records; "
               f"CPU {run.cpu_us_per_event:,.0f} µs per event (10%..90%), {run.cpu_s * 1e6 / args.events:,.0f} µs "
               f"over the whole process ({run.cpu_s:.0f} CPU-s); whole run {run.total_s:.1f} s, group settled after "
               f"{run.settled_s:.1f} s; records per worker {shares}")

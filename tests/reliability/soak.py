@@ -57,7 +57,7 @@ def repro(bootstrap: str, home: Path) -> tuple[int, int, int]:
     try:
         setup, events = workload(REPRO_USERS, REPRO_EVENTS)
         publish(settings, setup)
-        publish(settings, events)
+        publish(settings, events, envelopes=False)  # the repro: one event per record
         worker = WorkerProcess(settings, env={"LEDGER_TICK_SECONDS": "0"}).start()
         time.sleep(REPRO_KILL_AFTER_S)
         worker.kill9()

@@ -8,6 +8,7 @@ producer writes it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
 import msgspec
@@ -70,18 +71,25 @@ def _enveloped(items: list[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]
 
 
 class UsagePublisher:
-    """An idempotent aiokafka producer for the usage log (acks from all replicas)."""
+    """An idempotent aiokafka producer for the usage log (acks from all replicas).
+
+    Concurrent ``publish`` calls coalesce: while one send waits for the broker, the
+    commands of the calls that arrive meanwhile gather, and go out together in the
+    next send, a partition's in shared envelopes. An idle publisher sends at once, so
+    a lone check waits for nobody; under load, records carry many commands.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = Topics.for_namespace(settings.namespace)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True,
-            # No linger: a check's command goes out at once. Concurrent sends still share a request, as
-            # what arrives while one is in flight waits for the next.
+            # No linger: a check's command goes out at once (see the class's docstring for what waits).
             linger_ms=0, max_batch_size=256 * 1024,
         )
         self._partitions: list[int] = []
+        self._gathering: list[tuple[list[AnyCommand], asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> UsagePublisher:
         await ensure_topics(self.settings)
@@ -94,15 +102,43 @@ class UsagePublisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
         await self._producer.stop()
 
-    async def publish(self, commands: Iterable[AnyCommand], *, envelopes: bool = True) -> int:
-        """Send commands (see ``usage_records``) and wait until the broker has them all; how many records it took."""
+    async def publish(self, commands: Iterable[AnyCommand], *, envelopes: bool = True) -> None:
+        """Send commands (see ``usage_records``) and return once the broker has them all.
+
+        ``envelopes=False`` sends one command per record, at once, as other producers write them.
+        """
+        if not envelopes:
+            await self._send(list(commands), envelopes=False)
+            return
+        sent = asyncio.get_running_loop().create_future()
+        self._gathering.append((list(commands), sent))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_gathered())
+        await sent
+
+    async def _send_gathered(self) -> None:
+        while self._gathering:
+            taken, self._gathering = self._gathering, []
+            try:
+                await self._send([command for commands, _ in taken for command in commands], envelopes=True)
+            except Exception as exc:  # every caller whose commands were in this send learns it
+                for _, sent in taken:
+                    if not sent.done():
+                        sent.set_exception(exc)
+            else:
+                for _, sent in taken:
+                    if not sent.done():  # a caller that gave up (cancelled) has its commands sent all the same
+                        sent.set_result(None)
+
+    async def _send(self, commands: list[AnyCommand], envelopes: bool) -> None:
         pending = [await self._producer.send(self.topics.usage, value, key=key, partition=p)
                    for p, key, value in usage_records(commands, len(self._partitions), envelopes)]
         for fut in pending:
             await fut
-        return len(pending)
 
     async def publish_raw(self, key: bytes | None, value: bytes) -> None:
         """Send bytes as they are (tests of bad input use this)."""

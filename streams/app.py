@@ -173,7 +173,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         app=app, name="accounts", partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIGS,
     ))
     pending = PendingState(lambda: table.data)
-    processor = UsageProcessor(topics, pending.get, pending.scan, settings.partitions)
+    processor = UsageProcessor(topics, pending.get, pending.scan, partitions=settings.partitions)
     ledger = PartitionLedger(app, settings, usage.get_topic_name(), table, processor, pending, metrics,
                              FaultHooks.from_env())
 

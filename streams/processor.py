@@ -129,7 +129,7 @@ def _commands(record: Record) -> list[tuple[Record, Any]]:
 
 class UsageProcessor:
     def __init__(self, topics: Topics, read_state: Callable[[str], Any],
-                 scan_state: Callable[[str], Iterable[tuple[str, Any]]] = lambda prefix: (), partitions: int = 8) -> None:
+                 scan_state: Callable[[str], Iterable[tuple[str, Any]]] = lambda prefix: (), *, partitions: int) -> None:
         self.topics = topics
         self.partitions = partitions  # of the usage log: an envelope's commands must belong to its partition
         self._watched: frozenset[str] = frozenset()  # keys whose every new value is measured (see run)

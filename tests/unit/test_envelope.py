@@ -41,14 +41,18 @@ def log_of(cmds: list, partition: int, envelopes: bool) -> list[Record]:  # type
     return [Record(TOPICS.usage, partition, offset, key, value) for offset, (key, value) in enumerate(records)]
 
 
+def processor(table: dict[str, object]) -> UsageProcessor:
+    return UsageProcessor(TOPICS, table.get, lambda prefix: [(k, v) for k, v in table.items() if k.startswith(prefix)],
+                          partitions=PARTITIONS)
+
+
 def fold(log: list[Record], size: int = 3) -> tuple[dict[str, object], list[tuple[str, bytes | None, bytes]], Batch]:
     """Apply the log in batches of ``size`` records; the table, every output, and the last batch."""
     table: dict[str, object] = {}
     outputs: list[tuple[str, bytes | None, bytes]] = []
     batch = Batch()
     for i in range(0, len(log), size):
-        batch = UsageProcessor(TOPICS, table.get, lambda prefix: [(k, v) for k, v in table.items()
-                                                                   if k.startswith(prefix)], PARTITIONS).run(log[i:i + size])
+        batch = processor(table).run(log[i:i + size])
         outputs += batch.outputs
         for key, value in batch.state_in_write_order():
             if value is None:
@@ -97,8 +101,7 @@ def test_an_envelope_read_again_after_a_crash_changes_nothing_and_replays_byte_f
     table, outputs, _ = fold(log)
     _, replayed, _ = fold(log)  # a fresh table: a replay from offset 0
     assert replayed == outputs
-    read_again = UsageProcessor(TOPICS, table.get, lambda prefix: [(k, v) for k, v in table.items()
-                                                                    if k.startswith(prefix)], PARTITIONS).run(log)
+    read_again = processor(table).run(log)
     # Everything re-read from offset 0 (commits lost): each command (a tick aside) is known by its record's offset.
     assert read_again.outputs == []
     assert read_again.results[ALREADY_APPLIED] == sum(1 for c in cmds if not isinstance(c, ClockTicked))

@@ -62,7 +62,8 @@ class Changelog:
 
     def processor(self) -> UsageProcessor:
         return UsageProcessor(TOPICS, self.values.get,
-                              lambda prefix: [(k, v) for k, v in self.values.items() if k.startswith(prefix)])
+                              lambda prefix: [(k, v) for k, v in self.values.items() if k.startswith(prefix)],
+                              partitions=8)
 
     def store(self, writes: list[tuple[str, object]]) -> None:
         for key, value in writes:

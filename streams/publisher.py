@@ -129,6 +129,10 @@ class UsagePublisher:
                 for _, sent in taken:
                     if not sent.done():
                         sent.set_exception(exc)
+            except BaseException:  # cancelled (the publisher stops): no caller waits for good
+                for _, sent in taken + self._gathering:
+                    sent.cancel()
+                raise
             else:
                 for _, sent in taken:
                     if not sent.done():  # a caller that gave up (cancelled) has its commands sent all the same

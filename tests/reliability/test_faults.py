@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ledger.events import UsageRecorded
 from ledger.settings import Settings
 from streams.kafka_local import LocalBroker
 from streams.progress import processor_group
@@ -36,6 +37,14 @@ def run_to_the_end(settings: Settings, worker, projector: ProjectorProcess) -> N
     projector.stop()
 
 
+def published_workload(settings: Settings, users: int, events: int) -> tuple[dict[str, str], list[UsageRecorded]]:
+    """The standard workload (tests/reliability/audit.py) in the usage log: its users' plans, then their events."""
+    plan_of, setup, usage = workload(users, events)  # user -> plan name
+    publish(settings, setup)
+    publish(settings, usage)
+    return plan_of, usage
+
+
 def exit_and_restart(settings: Settings, worker_factory, env: dict[str, str], code: int, says: str) -> None:  # type: ignore[no-untyped-def]
     """A worker with a fault hook exits with ``code``, its log saying ``says``; a fresh worker then finishes the log."""
     dying = worker_factory(settings, env=env).start()
@@ -47,9 +56,7 @@ def exit_and_restart(settings: Settings, worker_factory, env: dict[str, str], co
 
 def test_an_exception_mid_batch_stops_the_worker_and_a_restart_loses_nothing(settings, worker_factory):
     # Given a worker whose 20th batch fails after sending half of its outputs,
-    users, setup, events = workload(200, 20_000)
-    publish(settings, setup)
-    publish(settings, events)
+    users, events = published_workload(settings, 200, 20_000)
     # then the worker exits non-zero rather than acknowledging the batch,
     # and a restarted worker applies the batch again: nothing lost, nothing counted twice.
     exit_and_restart(settings, worker_factory, {"LEDGER_TEST_FAIL_BATCH": "20"}, 70,
@@ -60,9 +67,7 @@ def test_an_exception_mid_batch_stops_the_worker_and_a_restart_loses_nothing(set
 def test_a_worker_killed_inside_a_state_transaction_leaves_nothing_a_restore_uses(settings, worker_factory):
     # Given a worker that dies inside the state transaction of a partition's last batch, its records in the log
     # (the batch is the last to touch its users: no later batch writes their accounts again),
-    users, setup, events = workload(100, 5_000)
-    publish(settings, setup)
-    publish(settings, events)
+    users, events = published_workload(settings, 100, 5_000)
     usage = Topics.for_namespace(settings.namespace).usage
     p, rows = max(read_partitions(settings, usage).items(), key=lambda kv: len(kv[1]))
     # then the next worker aborts that transaction and restores none of it: it applies the batch again,
@@ -74,9 +79,7 @@ def test_a_worker_killed_inside_a_state_transaction_leaves_nothing_a_restore_use
 
 def test_records_faust_fails_to_deliver_are_fetched_again_in_order(settings, worker_factory):
     # Given a worker that ignores the first delivery of three records (as Faust's consumer has been seen to),
-    users, setup, events = workload(100, 5_000)
-    publish(settings, setup)
-    publish(settings, events)
+    users, events = published_workload(settings, 100, 5_000)
     usage = Topics.for_namespace(settings.namespace).usage
     by_partition = read_partitions(settings, usage)
     dropped = [(p, len(rows) // 2) for p, rows in sorted(by_partition.items())[:2]]
@@ -94,9 +97,7 @@ def test_records_faust_fails_to_deliver_are_fetched_again_in_order(settings, wor
 
 def test_a_user_with_5000_events_between_two_good_commits_is_not_double_counted(settings, worker_factory):
     # Given one user whose 5,000 events are all applied,
-    users, setup, events = workload(1, 5_000)
-    publish(settings, setup)
-    publish(settings, events)
+    users, events = published_workload(settings, 1, 5_000)
     worker = worker_factory(settings).start()
     projector = ProjectorProcess(settings).start()
     wait_processed(settings, worker, timeout_s=180)
@@ -125,9 +126,7 @@ async def commit_offsets(settings: Settings, offset: int) -> None:
 
 def test_a_paused_worker_that_comes_back_after_its_partitions_moved_corrupts_nothing(settings, worker_factory):
     # Given two workers sharing the log,
-    users, setup, events = workload(1000, 100_000)
-    publish(settings, setup)
-    publish(settings, events)
+    users, events = published_workload(settings, 1000, 100_000)
     zombie = worker_factory(settings, "0").start()
     other = worker_factory(settings, "1").start()
     projector = ProjectorProcess(settings).start()
@@ -172,9 +171,7 @@ def test_kill_9_of_the_broker_while_a_worker_processes_loses_nothing(private_bro
     settings = new_settings(private_broker.bootstrap, tmp_path / "home")
     settings.home.mkdir(parents=True)
     asyncio.run(ensure_topics(settings))
-    users, setup, events = workload(500, 50_000)
-    publish(settings, setup)
-    publish(settings, events)
+    users, events = published_workload(settings, 500, 50_000)
     worker = worker_factory(settings).start()
     projector = ProjectorProcess(settings).start()
     restarts = 0

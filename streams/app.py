@@ -452,7 +452,7 @@ class PartitionLedger:
             self.positions.update(batch.next_offsets)
             self._advanced.set()
             self._advanced = asyncio.Event()
-            self._count(batch, queued.records, time.perf_counter() - queued.started)
+            self._count(batch, time.perf_counter() - queued.started)
 
     def _drop_queued(self, refused: Queued) -> None:
         """A batch was refused: it and every batch folded after it are dropped; folding restarts at the durable positions."""
@@ -642,10 +642,10 @@ class PartitionLedger:
         log.warning("partition %s: fetched %s record(s) of offsets %s..%s again", p, len(found), start, end - 1)
         return found
 
-    def _count(self, batch: Batch, records: int, seconds: float) -> None:
+    def _count(self, batch: Batch, seconds: float) -> None:
         self._totals.update(batch.results)
         self.metrics.count(batch.results, batch.dead_letters, batch.gates)
-        self.metrics.batch_events.observe(records)
+        self.metrics.batch_events.observe(sum(batch.results.values()))  # commands: an envelope's count one by one
         self.metrics.batch_seconds.observe(seconds)
         if time.monotonic() - self._last_log > PROGRESS_LOG_EVERY_S:
             self._last_log = time.monotonic()

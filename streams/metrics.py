@@ -77,8 +77,8 @@ class WorkerMetrics:
         self.batch_seconds = Histogram("ledger_batch_seconds", "Time from a batch's arrival until its outputs are "
                                        "acknowledged and its state is sent", registry=registry,
                                        buckets=BATCH_SECONDS_BUCKETS)
-        self.batch_events = Histogram("ledger_batch_events", "Records per batch", registry=registry,
-                                      buckets=BATCH_EVENTS_BUCKETS)
+        self.batch_events = Histogram("ledger_batch_events", "Commands per batch (an envelope's count one by one)",
+                                      registry=registry, buckets=BATCH_EVENTS_BUCKETS)
         self.lag = LagGauge(Gauge("ledger_consumer_lag", "Usage-log records past the durable position (stored with "
                                   "the state, after the outputs): what a restart would read again, per assigned "
                                   "partition", ["topic", "partition"], registry=registry))

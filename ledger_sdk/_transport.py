@@ -18,6 +18,7 @@ import msgspec
 
 from ledger_sdk._errors import TransportError, error_for
 from ledger_sdk._types import Outcome, UsageEvent
+from ledger_sdk.envelopes import enveloped
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_AFTER_S_MAX = 30.0
@@ -83,7 +84,8 @@ def raise_for_status(response: httpx.Response) -> None:
 
 
 class KafkaUsageTransport:
-    """Publishes usage straight onto the ledger's usage topic with aiokafka, keyed ``tenant/user``.
+    """Publishes usage straight onto the ledger's usage topic with aiokafka, in each user's partition (the key
+    ``tenant/user``'s), a partition's events in envelopes.
 
     For high-volume producers inside the deployment: no API round trip, so the only outcome is
     ``accepted`` (durably in the log; the processor dedups by event id and dead-letters invalid
@@ -121,14 +123,25 @@ class KafkaUsageTransport:
         value = {"type": "usage", "tenant": self.tenant_id, "schema_version": 1, **msgspec.to_builtins(event)}
         return f"{self.tenant_id}/{event.user}".encode(), msgspec.json.encode(value)
 
+    def records(self, events: Sequence[UsageEvent], partitions: list[int]) -> list[tuple[int, bytes, bytes]]:
+        """(partition, key, value) of the records that carry ``events``: each user's in the partition the
+        default partitioner gives its key, a partition's consecutive events in envelopes (ledger_sdk.envelopes)."""
+        from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
+
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, value in map(self.encode, events):
+            by_partition.setdefault(DefaultPartitioner()(key, partitions, partitions), []).append((key, value))
+        return [(p, key, value) for p, items in by_partition.items() for key, value in enveloped(items)]
+
     async def send(self, events: Sequence[UsageEvent]) -> list[Outcome]:
         if self._producer is None:
             raise RuntimeError("start the KafkaUsageTransport (async with) before sending")
         from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
 
         try:
-            futures = [await self._producer.send(self.topic, value, key=key)
-                       for key, value in map(self.encode, events)]
+            partitions = sorted(await self._producer.partitions_for(self.topic))
+            futures = [await self._producer.send(self.topic, value, key=key, partition=p)
+                       for p, key, value in self.records(events, partitions)]
             for future in futures:  # the broker has each event once this returns
                 await future
         except KafkaError as exc:

@@ -11,19 +11,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-import msgspec
 from aiokafka import AIOKafkaProducer
 
-from ledger.events import ENVELOPE_COMMANDS_MAX, AnyCommand, ClockTicked, Envelope, PlanPublished, user_key
+from ledger.events import AnyCommand, ClockTicked, PlanPublished, user_key
 from ledger.settings import Settings
+from ledger_sdk.envelopes import enveloped
 from streams.codecs import encode
 from streams.topics import Topics, ensure_topics, partition_for_key
 
 PLANS_KEY = b"~plans"
 CLOCK_KEY = b"~clock"
-ENVELOPE_KEY = b"~envelope"
-# An envelope stays under the producer's max_batch_size, so it never travels in a request of its own.
-ENVELOPE_BYTES_MAX = 200 * 1024
 
 
 def usage_records(commands: Iterable[AnyCommand], partitions: int, envelopes: bool = True
@@ -31,14 +28,14 @@ def usage_records(commands: Iterable[AnyCommand], partitions: int, envelopes: bo
     """The records (partition, key, value) that carry ``commands``, each partition's in the commands' order.
 
     With ``envelopes``, the consecutive user commands of a partition (between two broadcasts)
-    share envelopes of at most ENVELOPE_COMMANDS_MAX commands and ENVELOPE_BYTES_MAX bytes.
+    share envelopes (``ledger_sdk.envelopes.enveloped``, bounded in commands and bytes).
     """
     records: list[tuple[int, bytes, bytes]] = []
     waiting: dict[int, list[tuple[bytes, bytes]]] = {}  # per partition: (key, value) of user commands not yet out
 
     def flush() -> None:
         for p, items in waiting.items():
-            records.extend((p, key, value) for key, value in (_enveloped(items) if envelopes else items))
+            records.extend((p, key, value) for key, value in (enveloped(items) if envelopes else items))
         waiting.clear()
 
     for command in commands:
@@ -52,22 +49,6 @@ def usage_records(commands: Iterable[AnyCommand], partitions: int, envelopes: bo
             waiting.setdefault(partition_for_key(key, partitions), []).append((key, value))
     flush()
     return records
-
-
-def _enveloped(items: list[tuple[bytes, bytes]]) -> Iterable[tuple[bytes, bytes]]:
-    """One partition's user commands in envelopes; a command left alone is a plain record."""
-    start = 0
-    while start < len(items):
-        end, size = start, 0
-        while end < len(items) and end - start < ENVELOPE_COMMANDS_MAX and (
-                end == start or size + len(items[end][1]) + 1 <= ENVELOPE_BYTES_MAX):
-            size += len(items[end][1]) + 1
-            end += 1
-        if end - start == 1:
-            yield items[start]
-        else:
-            yield ENVELOPE_KEY, encode(Envelope(commands=[msgspec.Raw(value) for _key, value in items[start:end]]))
-        start = end
 
 
 class UsagePublisher:

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from ledger.settings import Settings
-from streams.publisher import ENVELOPE_KEY, UsagePublisher
+from ledger_sdk.envelopes import ENVELOPE_KEY
+from streams.publisher import UsagePublisher
 from streams.topics import Topics
 from tests.factories import usage
 from tests.kafka_io import read_partitions, usage_log

@@ -17,7 +17,7 @@ from ledger.control.keys import Scope
 from ledger.control.store import ControlStore
 from ledger.events import UsageRecorded, user_key
 from ledger.settings import Settings
-from streams.publisher import ENVELOPE_KEY
+from ledger_sdk.envelopes import ENVELOPE_KEY
 from streams.topics import partition_for_key
 from tests.kafka_io import usage_log
 

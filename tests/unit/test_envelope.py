@@ -6,11 +6,13 @@ from datetime import timedelta
 
 import msgspec
 
+from ledger import events
 from ledger.account import Account
 from ledger.events import ClockTicked, Envelope, LedgerEntry, Rejection, user_key
-from streams.codecs import decode_state, encode
+from ledger_sdk.envelopes import ENVELOPE_BYTES_MAX, ENVELOPE_COMMANDS_MAX, ENVELOPE_KEY
+from streams.codecs import decode_command, decode_record, decode_state, encode
 from streams.processor import ALREADY_APPLIED, Batch, Record, UsageProcessor
-from streams.publisher import ENVELOPE_BYTES_MAX, ENVELOPE_KEY, PLANS_KEY, usage_records
+from streams.publisher import PLANS_KEY, usage_records
 from streams.state import account_key
 from streams.topics import Topics, partition_for_key
 from tests.factories import T0, TENANT, assigned, published, seed_plans, usage
@@ -159,3 +161,31 @@ def test_an_envelope_that_is_not_json_is_one_dead_letter() -> None:
     _, outputs, batch = fold([record])
     assert [r.rejection_id for r in rejections(outputs)] == [f"{TOPICS.usage}:0:0"]
     assert batch.results["rejected"] == 1
+
+
+def test_the_sdks_envelope_bound_is_the_ledgers() -> None:
+    assert ENVELOPE_COMMANDS_MAX == events.ENVELOPE_COMMANDS_MAX
+
+
+def test_the_sdks_kafka_transport_sends_each_users_events_to_its_partition_in_envelopes() -> None:
+    from ledger_sdk import KafkaUsageTransport, UsageEvent
+
+    transport = KafkaUsageTransport("127.0.0.1:1", "acme")  # never started: records() needs no broker
+    sent = [UsageEvent(user=f"u{n % 7}", model="gpt-4o-mini", input_tokens=n, output_tokens=1) for n in range(100)]
+    records = transport.records(sent, list(range(PARTITIONS)))
+    assert len(records) < len(sent) // 10
+    received = []
+    for p, key, value in records:
+        raw = [bytes(c) for c in decode_record_commands(value)] if key == ENVELOPE_KEY else [value]
+        for command in map(decode_command, raw):
+            assert partition_for_key(user_key(command.tenant, command.user).encode(), PARTITIONS) == p
+            received.append(command.event_id)
+    by_user = {u: [e.event_id for e in sent if e.user == u] for u in {e.user for e in sent}}
+    assert sorted(received) == sorted(e.event_id for e in sent)
+    assert all([i for i in received if i in ids] == ids for ids in by_user.values())  # each user's order kept
+
+
+def decode_record_commands(value: bytes) -> list[msgspec.Raw]:
+    envelope = decode_record(value)
+    assert isinstance(envelope, Envelope)
+    return envelope.commands

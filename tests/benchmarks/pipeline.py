@@ -259,7 +259,7 @@ def fresh_namespace(bootstrap: str, home: Path, setup: list, calls: list,  # typ
     settings = new_settings(bootstrap, home)
     asyncio.run(ensure_topics(settings))
     t = time.perf_counter()
-    publish(settings, setup)
+    publish(settings, setup, envelopes=envelopes)
     publish(settings, calls, envelopes=envelopes)
     return settings, time.perf_counter() - t
 

@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -171,6 +171,13 @@ def deliveries(store: ControlStore, tenant_id: str, webhook_id: str) -> list[Del
         return session.deliveries(tenant_id, webhook_id)
 
 
+def every_one_attempted(store: ControlStore, tenant_id: str, webhook_ids: Iterable[str]) -> bool:
+    """Whether each webhook has its deliveries and each was attempted, from one reading per webhook: two
+    readings (attempted, then present) passed when the deliveries were recorded in between, unattempted."""
+    logged = [deliveries(store, tenant_id, h) for h in webhook_ids]
+    return all(ds and all(d.attempts >= 1 for d in ds) for ds in logged)
+
+
 def wait_for(done: Callable[[], bool], what: str, process: WebhooksProcess | None = None,
              timeout_s: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout_s
@@ -204,13 +211,11 @@ def test_the_delivery_log_keeps_status_codes_and_short_error_classes_never_bodie
     process = delivering(permissive)
     write_gates(permissive, [gate(tenant_id, "gate-1")])
 
-    def all_attempted() -> bool:
-        return all(d.attempts >= 1 for h in hooks.values() for d in deliveries(store, tenant_id, h)) and all(
-            deliveries(store, tenant_id, h) for h in hooks.values())
-
-    wait_for(all_attempted, "not every endpoint was attempted", process, timeout_s=WAIT_S + ATTEMPT_TIMEOUT_S)
-    assert failing.requests >= 1 and teapot.requests >= 1
+    wait_for(lambda: every_one_attempted(store, tenant_id, hooks.values()), "not every endpoint was attempted",
+             process, timeout_s=WAIT_S + ATTEMPT_TIMEOUT_S)
     logged = {expected: deliveries(store, tenant_id, h)[0] for expected, h in hooks.items()}
+    assert failing.requests >= 1 and teapot.requests >= 1, (
+        failing.requests, teapot.requests, {k: (d.attempts, d.last_error, d.last_status) for k, d in logged.items()})
     for expected, d in logged.items():
         assert (d.state.value, d.last_error) == ("pending", expected), (expected, d)
         assert d.last_error in ERROR_CLASSES or d.last_error.startswith("http_")
@@ -245,9 +250,7 @@ def test_a_strict_process_refuses_at_delivery_every_form_that_leads_to_a_private
     process = delivering(settings)
     write_gates(settings, [gate(tenant_id, "gate-1")])
 
-    wait_for(lambda: all(d.attempts >= 1 for h in hooks.values() for d in deliveries(store, tenant_id, h))
-             and all(deliveries(store, tenant_id, h) for h in hooks.values()), "not every form was attempted",
-             process)
+    wait_for(lambda: every_one_attempted(store, tenant_id, hooks.values()), "not every form was attempted", process)
     assert receiver.received == [] and receiver.rejected == [], "a strict process connected to loopback"
     assert {form: deliveries(store, tenant_id, h)[0].last_error for form, h in hooks.items()} == {
         form: "unsafe_address" for form in CARRYING_FORMS}

@@ -34,7 +34,7 @@ from streams.codecs import STATE_CODEC, encode, table_form
 from streams.faust_consumer import READ_COMMITTED, RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
 from streams.pending import PendingState
-from streams.processor import ALREADY_APPLIED, RECORD_BYTES_MAX, Batch, Record, UsageProcessor
+from streams.processor import ALREADY_APPLIED, RECORD_BYTES_MAX, Batch, Record, UsageProcessor, merged
 from streams.publisher import CLOCK_KEY
 from streams.queries import QUERY_WAIT_S_MAX, query_decoder
 from streams.state import Position, partition_of, position_key, tail_key
@@ -66,10 +66,11 @@ CATCH_UP_IDLE_S = 5.0  # no delivery for this long while the log has more: fetch
 COMMIT_TIMEOUT_S = 5.0
 REFETCH_POLL_MS = 500
 QUERIES_WAITING_MAX = 10_000  # the API's own bound on waiting requests
-# Folded batches waiting for the writer beside the one it is storing; the agent waits past this. One keeps
-# batch sizes growing with the load, as records gather while the agent waits: with four, a busy stream folded
-# 2 ms batches that each paid a transaction (a third of the worker in socket writes, a fifth of the rate).
-WRITES_QUEUED_MAX = 1
+# Folded batches waiting for the writer while it stores the ones before; the agent waits past this. The writer
+# stores all it finds queued in one transaction per partition, so the transactions per event fall as the load
+# grows: writing each batch on its own, a busy stream folded 2 ms batches of a few records that each paid a
+# transaction per partition (1.4 events per transaction, a tenth of the Faust floor; docs/benchmarks.md).
+WRITES_QUEUED_MAX = 64
 
 
 class StandbyMemoryStore(MemoryStore):
@@ -439,30 +440,46 @@ class PartitionLedger:
         await self._queue.put(Queued(number, batch, sent, revocations, generation, len(records), started))
 
     async def _write_loop(self) -> None:
-        """Store queued batches in the order they were folded, each once its outputs are acknowledged."""
+        """Store queued batches in the order they were folded, each once its outputs are acknowledged.
+
+        The batches queued when the writer comes round are stored together: their state merged (a later
+        batch's value of a key replaces an earlier one's) in one transaction per partition, with the position
+        after the last of them. That is the state a single batch of all their records would have written.
+        """
         while True:
-            queued = await self._queue.get()
-            batch = queued.batch
-            await asyncio.gather(*queued.sent)
-            stored = queued.generation == self._generation and await self._write_state(batch, queued.revocations)
-            self.pending.settle(queued.number, batch.writes)
+            group = [await self._queue.get()]
+            while not self._queue.empty():
+                group.append(self._queue.get_nowait())
+            await asyncio.gather(*(sent for queued in group for sent in queued.sent))
+            # Batches folded before a refusal are dropped (a prefix: only this loop moves the generation).
+            for queued in group:
+                if queued.generation != self._generation:
+                    self.pending.settle(queued.number, queued.batch.writes)
+            group = [queued for queued in group if queued.generation == self._generation]
+            if not group:
+                continue
+            batch = merged([queued.batch for queued in group])
+            stored = await self._write_state(batch, group[0].revocations)
+            for queued in group:
+                self.pending.settle(queued.number, queued.batch.writes)
             if not stored:
-                self._drop_queued(queued)
+                self._drop_queued(group[0], len(group))
                 continue
             self.positions.update(batch.next_offsets)
             self._advanced.set()
             self._advanced = asyncio.Event()
-            self._count(batch, time.perf_counter() - queued.started)
+            for queued in group:
+                self._count(queued.batch, time.perf_counter() - queued.started)
 
-    def _drop_queued(self, refused: Queued) -> None:
-        """A batch was refused: it and every batch folded after it are dropped; folding restarts at the durable positions."""
-        if refused.generation == self._generation:
-            self.metrics.fence_refused.inc()
-            log.warning("partitions moved to another worker: dropping the state of a batch of %s records and of "
-                        "the %s batch(es) folded after it", refused.records, self._queue.qsize())
-            self._generation += 1
-            self.folded.clear()
-            self.pending.clear()  # every batch left in the queue is dropped when its turn comes
+    def _drop_queued(self, refused: Queued, stored_with: int) -> None:
+        """``stored_with`` batches from ``refused`` on were refused together: they and every batch folded after
+        them are dropped; folding restarts at the durable positions."""
+        self.metrics.fence_refused.inc()
+        log.warning("partitions moved to another worker: dropping the state of %s batch(es) from one of %s records, "
+                    "and of the %s batch(es) folded after them", stored_with, refused.records, self._queue.qsize())
+        self._generation += 1
+        self.folded.clear()
+        self.pending.clear()  # every batch left in the queue is dropped when its turn comes
 
     def answer_later(self, partition: int, raw: bytes | None) -> None:
         """Answer a spend query in a task of its own: one waiting for its partition holds up no other."""

@@ -109,6 +109,20 @@ class Batch:
         return sorted(self.writes.items(), key=lambda kv: rank[kv[0].split(":", 2)[1]])
 
 
+def merged(batches: list[Batch]) -> Batch:
+    """The state of consecutive batches, as one batch of all their records would have written it: a later
+    batch's value of a key replaces an earlier one's, and each partition's next offset is the last batch's.
+    Outputs and counts stay with each batch."""
+    if len(batches) == 1:
+        return batches[0]
+    state = Batch()
+    for batch in batches:
+        state.writes.update(batch.writes)
+        state.encoded.update(batch.encoded)
+        state.next_offsets.update(batch.next_offsets)
+    return state
+
+
 def _commands(record: Record) -> list[tuple[Record, Any]]:
     """A record's commands, each with its own record (its bytes, its place) and its decoding or DecodeError."""
     try:

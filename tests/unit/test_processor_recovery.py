@@ -17,8 +17,16 @@ import pytest
 
 from ledger.account import Account, clone, decide
 from ledger.events import ClockTicked, user_key
-from streams.codecs import encode
-from streams.processor import ALREADY_APPLIED, DEAD_LETTER_PAYLOAD_CHARS_MAX, RECORD_BYTES_MAX, Record, UsageProcessor
+from streams.codecs import encode, table_form
+from streams.pending import PendingState
+from streams.processor import (
+    ALREADY_APPLIED,
+    DEAD_LETTER_PAYLOAD_CHARS_MAX,
+    RECORD_BYTES_MAX,
+    Record,
+    UsageProcessor,
+    merged,
+)
 from streams.publisher import CLOCK_KEY, PLANS_KEY
 from streams.state import Position, position_key
 from streams.topics import Topics
@@ -109,6 +117,42 @@ def test_a_crash_after_any_prefix_of_a_batchs_state_writes_changes_nothing_on_re
             again = run_in_batches(log, crashed, size)
             assert crashed.encoded() == clean.encoded(), (batch_start, kept)
             assert set(again) <= set(clean_outputs), (batch_start, kept)
+
+
+@pytest.mark.parametrize(("size", "group"), [(1, 5), (3, 4), (4, 100)])
+def test_batches_folded_ahead_and_stored_together_store_what_storing_each_stores(size: int, group: int) -> None:
+    """The worker folds batches over the state still being written (PendingState) and stores the batches
+    queued meanwhile in one transaction per partition (``merged``): the same state, outputs and position as
+    storing every batch before folding the next."""
+    log = workload()
+    clean = Changelog()
+    clean_outputs = run_in_batches(log, clean, size)
+
+    grouped = Changelog()
+    pending = PendingState(lambda: grouped.values)
+    processor = UsageProcessor(TOPICS, pending.get, pending.scan, partitions=8)
+    outputs: list[bytes] = []
+    queued: list[tuple[int, object]] = []
+    stored_groups = 0
+    for number, start in enumerate(range(0, len(log), size)):
+        batch = processor.run(log[start:start + size])
+        pending.stage(number, ((key, value, batch.encoded[key]) for key, value in batch.writes.items()))
+        outputs += [value for _topic, _key, value in batch.outputs]
+        queued.append((number, batch))
+        if len(queued) == group or start + size >= len(log):
+            state = merged([b for _n, b in queued])  # type: ignore[misc]
+            grouped.values.update({k: table_form(v, state.encoded[k]) for k, v in state.writes.items()})
+            for k in [k for k, v in grouped.values.items() if v is None]:
+                del grouped.values[k]
+            for n, b in queued:
+                pending.settle(n, b.writes)  # type: ignore[attr-defined]
+            queued, stored_groups = [], stored_groups + 1
+    assert stored_groups < len(range(0, len(log), size)) or group == 1
+    assert len(pending) == 0
+    assert grouped.position() == clean.position() == len(log)
+    assert outputs == clean_outputs
+    assert {k: encode(v) if not isinstance(v, bytes) else v for k, v in sorted(grouped.values.items())} == \
+        {k: encode(v) for k, v in sorted(clean.values.items())}
 
 
 def test_records_read_again_below_a_values_stamp_are_recognised_by_offset_however_many() -> None:

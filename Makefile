@@ -49,6 +49,7 @@ BENCH_FLAGS ?=
 BENCH_CHECK_FLAGS ?=
 bench: broker
 	$(BIN)/python -m tests.benchmarks.pipeline $(BENCH_FLAGS)
+	$(BIN)/python -m tests.benchmarks.fold
 	$(BIN)/python -m tests.benchmarks.checks --rates 200,1000 $(BENCH_CHECK_FLAGS)
 	$(BIN)/python -m tests.benchmarks.state --users $(BENCH_USERS)
 	$(BIN)/python -m tests.benchmarks.history

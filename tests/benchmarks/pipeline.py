@@ -274,6 +274,8 @@ def main() -> None:
                         help="events per user before measuring (fills a dedup window of this many ids)")
     parser.add_argument("--profile-seconds", type=float, default=20, help="0: no profiled run")
     parser.add_argument("--profile-dir", type=Path, default=ROOT / ".ledger" / "bench")
+    parser.add_argument("--profile-plain", action="store_true",
+                        help="profile a run on single-command records instead of envelopes")
     parser.add_argument("--no-two-workers", action="store_true", help="skip the two 2-worker runs")
     parser.add_argument("--floor-events", action="store_true", help="also run the do-nothing agent with stream.events()")
     args = parser.parse_args()
@@ -312,10 +314,11 @@ def main() -> None:
             namespaces.add(two_bare.namespace)
             runs["2 workers, envelopes, no standby"] = processor_rate(two_bare, args.events, workers=2, standby_replicas=0)
         if args.profile_seconds > 0:
-            profiled, _ = fresh_namespace(bootstrap, home / "profiled", setup, calls)
+            profiled, _ = fresh_namespace(bootstrap, home / "profiled", setup, calls, envelopes=not args.profile_plain)
             namespaces.add(profiled.namespace)
             profile = Profile(args.profile_dir / time.strftime("%Y%m%d-%H%M%S"), args.profile_seconds, [])
-            runs["1 worker, envelopes, profiled"] = processor_rate(profiled, args.events, workers=1, profile=profile)
+            name = "1 worker, profiled" if args.profile_plain else "1 worker, envelopes, profiled"
+            runs[name] = processor_rate(profiled, args.events, workers=1, profile=profile)
         steady_settings = new_settings(bootstrap, home / "steady")
         asyncio.run(ensure_topics(steady_settings))
         namespaces.add(steady_settings.namespace)

@@ -44,9 +44,9 @@ from streams.topics import Topics
 log = logging.getLogger(__name__)
 
 BATCH_EVENTS_MAX = 5000
-# A batch gathers for 2 ms while batches are small: an idle stream takes a check up within 2 ms. Once a batch
-# held BATCH_GROW_AT records (a backlog: 2 ms at full speed deliver 15 to 20), the next gathers for 25 ms, so
-# each batch's state transactions serve hundreds of records (see streams.take).
+# A batch gathers for 2 ms while batches are small: an idle stream takes a check up within 2 ms. After a batch
+# of 8 records or more (a backlog: 2 ms at full speed deliver 15 to 20), the next gathers for 25 ms, so each
+# batch's state transactions serve hundreds of records (see streams.take).
 BATCH_WINDOW = Window(short_s=0.002, long_s=0.025, grow_at=8)
 # The account changelog is compacted eagerly: a restart restores roughly one
 # record per user, not one per batch that touched the user.

@@ -23,6 +23,7 @@ from streams.processor import (
     ALREADY_APPLIED,
     DEAD_LETTER_PAYLOAD_CHARS_MAX,
     RECORD_BYTES_MAX,
+    Batch,
     Record,
     UsageProcessor,
     merged,
@@ -132,7 +133,7 @@ def test_batches_folded_ahead_and_stored_together_store_what_storing_each_stores
     pending = PendingState(lambda: grouped.values)
     processor = UsageProcessor(TOPICS, pending.get, pending.scan, partitions=8)
     outputs: list[bytes] = []
-    queued: list[tuple[int, object]] = []
+    queued: list[tuple[int, Batch]] = []
     stored_groups = 0
     for number, start in enumerate(range(0, len(log), size)):
         batch = processor.run(log[start:start + size])
@@ -140,12 +141,12 @@ def test_batches_folded_ahead_and_stored_together_store_what_storing_each_stores
         outputs += [value for _topic, _key, value in batch.outputs]
         queued.append((number, batch))
         if len(queued) == group or start + size >= len(log):
-            state = merged([b for _n, b in queued])  # type: ignore[misc]
+            state = merged([b for _n, b in queued])
             grouped.values.update({k: table_form(v, state.encoded[k]) for k, v in state.writes.items()})
             for k in [k for k, v in grouped.values.items() if v is None]:
                 del grouped.values[k]
             for n, b in queued:
-                pending.settle(n, b.writes)  # type: ignore[attr-defined]
+                pending.settle(n, b.writes)
             queued, stored_groups = [], stored_groups + 1
     assert stored_groups < len(range(0, len(log), size)) or group == 1
     assert len(pending) == 0

@@ -142,13 +142,11 @@ def test_batches_folded_ahead_and_stored_together_store_what_storing_each_stores
         queued.append((number, batch))
         if len(queued) == group or start + size >= len(log):
             state = merged([b for _n, b in queued])
-            grouped.values.update({k: table_form(v, state.encoded[k]) for k, v in state.writes.items()})
-            for k in [k for k, v in grouped.values.items() if v is None]:
-                del grouped.values[k]
+            grouped.store([(k, table_form(v, state.encoded[k])) for k, v in state.writes.items()])  # None: tombstone
             for n, b in queued:
                 pending.settle(n, b.writes)
             queued, stored_groups = [], stored_groups + 1
-    assert stored_groups < len(range(0, len(log), size)) or group == 1
+    assert stored_groups < len(range(0, len(log), size))  # batches were stored together
     assert len(pending) == 0
     assert grouped.position() == clean.position() == len(log)
     assert outputs == clean_outputs

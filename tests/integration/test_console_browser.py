@@ -197,9 +197,14 @@ def browser(downloads: Path) -> Iterator[object]:
 
 
 def wait_for(driver, condition, timeout_s: float = WAIT_S, what: str = "") -> object:  # type: ignore[no-untyped-def]
+    """Poll ``condition`` until it is truthy. An element replaced between finding it and reading it (the live
+    overview swaps whole blocks when a gate event arrives) is read again at the next poll, not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(condition, message=what)
+    # Added to the default ignored exceptions (NoSuchElementException).
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(condition, message=what)
 
 
 def sign_in(driver, stack: Stack, key: str) -> None:  # type: ignore[no-untyped-def]

@@ -65,11 +65,19 @@ def log_size(settings: Settings) -> int:
 # -- rate per key ---------------------------------------------------------------------------------------------------
 
 
+def stop_the_refill(client: TestClient) -> None:
+    """The rate limiter's clock stands still: a bucket then holds its burst and never refills, so what a test
+    sends is refused exactly past the burst, however slowly a loaded machine answers (at 1/s, six requests
+    taking more than a second would otherwise earn one back)."""
+    client.app.state.rate_limits.clock = lambda: 0.0  # type: ignore[attr-defined]
+
+
 def test_a_key_past_its_rate_gets_429_with_retry_after_and_another_tenants_key_is_unaffected(api):
     a, b = new_tenant(api, "tenant-a"), new_tenant(api, "tenant-b")
     _, store = api
     with store.session() as session:
         session.set_rate(a.id, requests_per_s=1, burst=5)
+    stop_the_refill(api[0])
 
     answers = [a.call("GET", "/config/plans") for _ in range(8)]
     assert [r.status_code for r in answers[:5]] == [200] * 5  # the burst
@@ -90,6 +98,7 @@ def test_the_rate_is_per_key_and_a_tenant_without_its_own_rate_gets_the_settings
         tenant = new_tenant((client, store), "acme")
         with store.session() as session:
             spare = session.create_key(tenant.id, ALL_SCOPES)
+        stop_the_refill(client)
         assert [tenant.call("GET", "/config/plans").status_code for _ in range(3)] == [200, 200, 429]
         second = client.get("/api/v1/config/plans", headers={"Authorization": f"Bearer {spare}"})
         assert second.status_code == 200

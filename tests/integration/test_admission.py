@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -59,8 +60,23 @@ def api_server(settings: Settings) -> Iterator[tuple[str, str]]:
         proc.wait(timeout=30)
 
 
+def wait_until_checks_are_answered(base: str, key: str, timeout_s: float = 90) -> None:
+    """Return once the worker answers checks (it owns its partitions).
+
+    A check sent before that waits out the API's answer timeout (504) and stays on the log, where the worker
+    applies it when it catches up: a reserving one would still hold its estimate. The probe is a plain check
+    for a user with no plan: it holds nothing and changes no account.
+    """
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+        while (answer := http.post("/check", json={"user": "no-one", "model": "m"})).status_code == 504:
+            assert time.monotonic() < deadline, f"no check was answered in {timeout_s}s"
+    assert answer.status_code == 402, answer.text
+
+
 def test_200_concurrent_reserving_checks_admit_exactly_the_100_the_budget_covers(settings, worker, api_server):
     base, key = api_server
+    wait_until_checks_are_answered(base, key)
     auth = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=base, headers=auth, timeout=30) as http:
         plan_id = http.post("/config/plans", json=METERED).json()["plans"][0]["id"]

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from examples.chat_backend.__main__ import PLAN
 from examples.chat_backend.app import ChatSettings, create_app
 from examples.chat_backend.fake_model import FakeModel
-from tests.conftest import wait_processed
+from tests.conftest import WorkerProcess, wait_processed
 from tests.integration import test_admission
 
 pytestmark = pytest.mark.integration
@@ -23,11 +23,12 @@ CHATS_MAX = 100
 
 
 @pytest.fixture
-def backend(ledger_api: tuple[str, str]) -> Iterator[tuple[TestClient, FakeModel, str]]:
+def backend(worker: WorkerProcess, ledger_api: tuple[str, str]) -> Iterator[tuple[TestClient, FakeModel, str]]:
     base, key = ledger_api
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
         plan_id = http.post("/config/plans", json=PLAN).json()["plans"][0]["id"]
         assert http.post("/users", json={"external_id": "alice", "plan_id": plan_id}).status_code == 201
+    test_admission.wait_until_checks_are_answered(base, key)
     with FakeModel() as model:
         settings = ChatSettings(ledger_url=base.removesuffix("/api/v1"), api_key=key, model_url=model.url,
                                 webhook_secret=SECRET)

@@ -52,6 +52,7 @@ def subscribe(base: str, key: str, users: list[str]) -> None:
         for user in users:
             answer = http.post("/users", json={"external_id": user, "plan_id": plan_id, "period_start": start})
             assert answer.status_code == 201, answer.text
+    test_admission.wait_until_checks_are_answered(base, key)
 
 
 class LoseTheFirstAnswer(httpx.HTTPTransport):

@@ -38,6 +38,7 @@ def test_a_log_topic_that_deletes_records_is_refused(bootstrap: str, tmp_path: P
     settings = new_settings(bootstrap, tmp_path)
     name = getattr(Topics.for_namespace(settings.namespace), topic)
     asyncio.run(_admin(bootstrap, lambda a: a.create_topics([NewTopic(name, settings.partitions, 1, topic_configs=configs)])))
+    _wait_listed(bootstrap, name)
 
     # when the ledger starts on it, it refuses and says what to change;
     with pytest.raises(TopicConfigError) as refused:
@@ -48,6 +49,24 @@ def test_a_log_topic_that_deletes_records_is_refused(bootstrap: str, tmp_path: P
     # once the topic keeps everything, it starts.
     asyncio.run(_admin(bootstrap, lambda a: a.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, KEPT_FOREVER)])))
     assert _ensure_once_the_change_is_visible(settings).usage.endswith(".usage")
+
+
+def _wait_listed(bootstrap: str, name: str, timeout_s: float = 30.0) -> None:
+    """Until the broker lists a topic just created. ``ensure_topics`` checks only the log topics it finds listed:
+    one created a moment before may not be listed yet, and then its create is refused as existing and its
+    config goes unchecked, so the test would not see the refusal it is about."""
+    async def listed() -> bool:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return name in await admin.list_topics()
+        finally:
+            await admin.close()
+
+    deadline = time.monotonic() + timeout_s
+    while not asyncio.run(listed()):
+        assert time.monotonic() < deadline, f"{name} not listed after {timeout_s}s"
+        time.sleep(0.2)
 
 
 def _ensure_once_the_change_is_visible(settings, timeout_s: float = 30.0):  # type: ignore[no-untyped-def]

@@ -257,6 +257,10 @@ class Queued:
     started: float
 
 
+class PartitionMoved(Exception):
+    """The partition's producer was dropped (the partition revoked) before its state was written."""
+
+
 @dataclass(frozen=True)
 class FaultHooks:
     """Faults a test can inject through the environment (never set in production).
@@ -337,7 +341,8 @@ class PartitionLedger:
         self._answering: set[asyncio.Task[None]] = set()
         self._producers: dict[int, AIOKafkaProducer] = {}  # per owned partition: the fenced writer of its state
         self._closing: set[asyncio.Task[None]] = set()
-        self._fencing: dict[int, asyncio.Lock] = {}
+        # Per partition: its producer is started, used for a transaction or stopped under this lock, one at a time.
+        self._producer_locks: dict[int, asyncio.Lock] = {}
         self._last_log = time.monotonic()
 
     async def guarded(self, work: Awaitable[None]) -> None:
@@ -543,17 +548,18 @@ class PartitionLedger:
             by_partition.setdefault(partition_of(key), []).append((key, value))
         if revocations != self._revocations or not by_partition.keys() <= self._producers.keys():
             return False  # a partition of the batch moved (or is not claimed yet): not this worker's to write
-        try:
-            written = await asyncio.gather(*(self._write_partition(p, batch, writes)
-                                             for p, writes in by_partition.items()))
-        except ProducerFenced:
+        # Every partition's transaction ends before this decides: none is left running beside the next write.
+        written = await asyncio.gather(*(self._write_partition(p, batch, writes) for p, writes in by_partition.items()),
+                                       return_exceptions=True)
+        failed = [outcome for outcome in written if isinstance(outcome, BaseException)]
+        if any(isinstance(outcome, ProducerFenced | PartitionMoved) for outcome in failed):
             for p in by_partition:  # another worker owns it now: write nothing more there until it is given back
                 self._drop_producer(p)
             return False
-        except Exception:
-            if revocations != self._revocations:  # its producer was closed under it: the partition moved
-                return False
-            raise
+        if failed:
+            if revocations != self._revocations and all(isinstance(outcome, Exception) for outcome in failed):
+                return False  # the partition moved while it was written
+            raise failed[0]
         if revocations != self._revocations:
             return False
         for writes, metadata in zip(by_partition.values(), written, strict=True):
@@ -583,14 +589,17 @@ class PartitionLedger:
 
     async def _write_partition(self, p: int, batch: Batch, writes: list[tuple[str, Any]]) -> list[Any]:
         # Only claim() starts producers: one started here for a partition that moved would fence its new owner.
-        producer = self._producers[p]
-        async with producer.transaction():
-            sent = [await producer.send(self.changelog, batch.encoded[key], key=encode(key), partition=p)
-                    for key, _value in writes]
-            metadata = [await fut for fut in sent]
-            if self.hooks.exits_in_txn(p, self.positions.get(p, 0), batch.next_offsets[p]):
-                log.warning("test hook: exiting inside the state transaction of partition %s", p)
-                _exit_now(75)
+        producer = self._producers.get(p)
+        async with self._producer_lock(p):  # so that it is not stopped inside the transaction (_stop_producer)
+            if producer is None or self._producers.get(p) is not producer:
+                raise PartitionMoved(p)  # dropped while this waited: the partition was revoked
+            async with producer.transaction():
+                sent = [await producer.send(self.changelog, batch.encoded[key], key=encode(key), partition=p)
+                        for key, _value in writes]
+                metadata = [await fut for fut in sent]
+                if self.hooks.exits_in_txn(p, self.positions.get(p, 0), batch.next_offsets[p]):
+                    log.warning("test hook: exiting inside the state transaction of partition %s", p)
+                    _exit_now(75)
         await self._tail(p, batch.next_offsets[p])
         return metadata
 
@@ -601,16 +610,29 @@ class PartitionLedger:
     def _drop_producer(self, p: int) -> None:
         producer = self._producers.pop(p, None)
         if producer is not None:
-            task = asyncio.create_task(producer.stop())
+            task = asyncio.create_task(self._stop_producer(p, producer))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    async def _stop_producer(self, p: int, producer: AIOKafkaProducer) -> None:
+        """Stop a dropped producer once no transaction of it is open.
+
+        ``AIOKafkaProducer.stop`` cancels the task that would end an open transaction, so a commit or abort
+        waiting on it then waits forever: the writer hung with no error, and the partitions it writes stopped
+        for good while the worker looked healthy (a revocation landing inside a state transaction).
+        """
+        async with self._producer_lock(p):
+            await producer.stop()
+
+    def _producer_lock(self, p: int) -> asyncio.Lock:
+        return self._producer_locks.setdefault(p, asyncio.Lock())
 
     async def _fence(self, p: int) -> AIOKafkaProducer:
         """This worker's transactional producer for partition ``p``; starting it fences older ones of that id.
 
         One at a time per partition: two of ours starting at once would fence each other.
         """
-        async with self._fencing.setdefault(p, asyncio.Lock()):
+        async with self._producer_lock(p):
             return await self._start_producer(p)
 
     async def _start_producer(self, p: int) -> AIOKafkaProducer:

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from ledger.account import Account, clone, decide
-from ledger.events import ClockTicked, user_key
+from ledger.events import ClockTicked, LedgerEntry, Rejection, user_key
 from streams.codecs import encode, table_form
 from streams.pending import PendingState
 from streams.processor import (
@@ -206,3 +206,29 @@ def test_a_dead_letter_quotes_at_most_its_bound_of_a_huge_record() -> None:
     [(_topic, _key, value)] = batch.outputs
     assert len(value) < DEAD_LETTER_PAYLOAD_CHARS_MAX + 4096
     assert b"payload truncated" in value
+
+
+def test_a_command_that_makes_the_core_raise_is_dead_lettered_alone_on_its_first_attempt(monkeypatch) -> None:
+    """A poison pill (a bug the command triggers in the core) costs one attempt: it is dead-lettered as
+    internal_error, its neighbours are applied, and the batch is stored, so nothing retries it forever."""
+    import streams.processor
+
+    core = streams.processor.decide
+
+    def failing_on_ann_1(account, command, *args):  # type: ignore[no-untyped-def]
+        if getattr(command, "event_id", None) == "ann-1":
+            raise ZeroDivisionError("a bug the command triggers")
+        return core(account, command, *args)
+
+    monkeypatch.setattr(streams.processor, "decide", failing_on_ann_1)
+    free = seed_plans()["free"]
+    log = log_of([published(free), assigned("ann", free)] + [usage("ann", n) for n in range(3)])
+    batch = Changelog().processor().run(log)
+
+    assert batch.dead_letters == {"internal_error": 1}
+    assert batch.results == {"ok": 4, "rejected": 1}
+    [rejection] = [msgspec.json.decode(v, type=Rejection) for t, _k, v in batch.outputs if t == TOPICS.rejected]
+    assert (rejection.event_id, rejection.code, rejection.source_offset) == ("ann-1", "internal_error", 3)
+    entries = [msgspec.json.decode(v, type=LedgerEntry) for t, _k, v in batch.outputs if t == TOPICS.entries]
+    assert [e.event_id for e in entries] == ["ann-0", "ann-2"]
+    assert batch.next_offsets == {P: len(log)}  # the position moves past it: it is not read again

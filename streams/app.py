@@ -39,7 +39,7 @@ from streams.publisher import CLOCK_KEY
 from streams.queries import QUERY_WAIT_S_MAX, query_decoder
 from streams.state import Position, partition_of, position_key, tail_key
 from streams.take import Window, take_events
-from streams.topics import Topics
+from streams.topics import MESSAGE_BYTES, Topics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ CHANGELOG_CONFIGS = {
     "segment.ms": str(60_000),
     "min.cleanable.dirty.ratio": "0.05",
     "delete.retention.ms": str(60_000),
+    **MESSAGE_BYTES,
 }
 PROGRESS_LOG_EVERY_S = 10.0
 SESSION_TIMEOUT_S = 10.0

@@ -22,6 +22,13 @@ KEEP_FOREVER = {"retention.ms": "-1", "retention.bytes": "-1"}
 KEPT_FOREVER = {**KEEP_FOREVER, "cleanup.policy": "delete"}
 # Spend queries are questions, not facts: kept an hour, long enough for any worker to answer them.
 TRANSIENT = {"retention.ms": str(3600 * 1000)}
+# The largest record batch every topic of a namespace (and the account changelog) must accept: the broker's default
+# message.max.bytes. The processor keeps each record it writes within streams.processor.RECORD_BYTES_MAX (1,000,000
+# bytes, key included) and dead-letters a command that would pass it (too_large); a topic whose limit is lower would
+# refuse such a write, and a refused state write stops the worker, again at every restart. So topics are created with
+# this limit, and an existing one with less is refused at start-up.
+MESSAGE_BYTES_MIN = 1_048_588
+MESSAGE_BYTES = {"max.message.bytes": str(MESSAGE_BYTES_MIN)}
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
@@ -69,7 +76,8 @@ async def ensure_topics(settings: Settings) -> Topics:
     try:
         existing = set(await admin.list_topics())
         missing = [
-            NewTopic(name, settings.partitions, 1, topic_configs=dict(TRANSIENT if name == topics.queries else KEEP_FOREVER))
+            NewTopic(name, settings.partitions, 1,
+                     topic_configs={**(TRANSIENT if name == topics.queries else KEEP_FOREVER), **MESSAGE_BYTES})
             for name in topics.all()
             if name not in existing
         ]
@@ -79,6 +87,9 @@ async def ensure_topics(settings: Settings) -> Topics:
             await _wait_for_leaders(admin, [t.name for t in missing])
         if existing_logs := [name for name in topics.kept_forever() if name in existing]:
             await _check_kept_forever(admin, existing_logs, settings.bootstrap)
+        written = [*topics.all(), changelog_topic(settings.namespace)]
+        if existing_written := [name for name in written if name in existing]:
+            await _check_message_bytes(admin, existing_written, settings.bootstrap)
     finally:
         await admin.close()
     return topics
@@ -102,6 +113,26 @@ async def _check_kept_forever(admin: AIOKafkaAdminClient, names: list[str], boot
                     f"topic {name} has {found}: the ledger's log topics must keep every record ({needed}), or "
                     f"events older than the retention are lost. Fix: kafka-configs.sh --bootstrap-server {bootstrap} "
                     f"--alter --entity-type topics --entity-name {name} --add-config {needed}")
+
+
+async def _check_message_bytes(admin: AIOKafkaAdminClient, names: list[str], bootstrap: str) -> None:
+    """Refuse to run on a topic that would refuse a record the processor may write (see MESSAGE_BYTES_MIN)."""
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict.fromkeys(MESSAGE_BYTES)) for name in names]
+    for response in await admin.describe_configs(resources):
+        for _error, _message, _type, name, entries in response.resources:
+            actual = {entry[0]: entry[1] for entry in entries}.get("max.message.bytes")
+            if actual is not None and int(actual) < MESSAGE_BYTES_MIN:
+                raise TopicConfigError(
+                    f"topic {name} has max.message.bytes={actual}: the ledger writes records of up to "
+                    f"{MESSAGE_BYTES_MIN} bytes to it, and a refused write stops the worker. Fix: kafka-configs.sh "
+                    f"--bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {name} "
+                    f"--add-config max.message.bytes={MESSAGE_BYTES_MIN}")
+
+
+def changelog_topic(namespace: str) -> str:
+    """The account table's changelog, which Faust creates (``<app id>-<table>-changelog``, app id
+    ``<namespace>-processor``)."""
+    return f"{namespace}-processor-accounts-changelog"
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:

@@ -10,7 +10,15 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from streams.topics import KEPT_FOREVER, TopicConfigError, Topics, ensure_topics
+from streams.topics import (
+    KEPT_FOREVER,
+    MESSAGE_BYTES,
+    MESSAGE_BYTES_MIN,
+    TopicConfigError,
+    Topics,
+    changelog_topic,
+    ensure_topics,
+)
 from tests.conftest import new_settings
 
 pytestmark = pytest.mark.integration
@@ -81,3 +89,39 @@ def _ensure_once_the_change_is_visible(settings, timeout_s: float = 30.0):  # ty
                 raise
             time.sleep(0.5)
 
+
+
+@pytest.mark.parametrize("topic", ["entries", "changelog"])
+def test_a_topic_that_would_refuse_a_record_the_processor_may_write_is_refused(bootstrap: str, tmp_path: Path,
+                                                                              topic: str) -> None:
+    # Given an output topic (or the account changelog) created with a lower record limit than the processor's,
+    settings = new_settings(bootstrap, tmp_path)
+    name = (changelog_topic(settings.namespace) if topic == "changelog"
+            else getattr(Topics.for_namespace(settings.namespace), topic))
+    configs = {**KEPT_FOREVER, "max.message.bytes": "100000"}
+    asyncio.run(_admin(bootstrap, lambda a: a.create_topics([NewTopic(name, settings.partitions, 1, topic_configs=configs)])))
+    _wait_listed(bootstrap, name)
+
+    # when the ledger starts on it, it refuses and names the setting and the fix;
+    with pytest.raises(TopicConfigError) as refused:
+        asyncio.run(ensure_topics(settings))
+    assert name in str(refused.value) and "max.message.bytes=100000" in str(refused.value)
+    assert f"--add-config max.message.bytes={MESSAGE_BYTES_MIN}" in str(refused.value)
+
+    # once the topic takes them, it starts; and the topics it creates say so themselves.
+    asyncio.run(_admin(bootstrap, lambda a: a.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name,
+                                                                             dict(MESSAGE_BYTES))])))
+    _ensure_once_the_change_is_visible(settings)
+    created = Topics.for_namespace(settings.namespace).gates
+    assert asyncio.run(_config(bootstrap, created, "max.message.bytes")) == str(MESSAGE_BYTES_MIN)
+
+
+async def _config(bootstrap: str, topic: str, key: str) -> str | None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {key: None})])
+        [(_error, _message, _type, _name, entries)] = response.resources
+        return {entry[0]: entry[1] for entry in entries}.get(key)
+    finally:
+        await admin.close()

@@ -10,6 +10,7 @@ import asyncio
 import csv
 import http.server
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -272,7 +273,9 @@ def screenshot(driver, name: str) -> list[Path]:  # type: ignore[no-untyped-def]
         path = ARTIFACTS / f"{name}-{width}.png"
         driver.save_screenshot(str(path))
         written.append(path)
-        # Readable at this width: nothing but a table's own scroller is wider than the window.
+        # The page was laid out at this width (a browser may keep a window wider than asked) ...
+        assert driver.execute_script("return window.innerWidth") == width, f"{name}: the window is not {width} px"
+        # ... and is readable there: nothing but a table's own scroller is wider than the window.
         overflow = driver.execute_script(
             "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 1, f"{name} at {width} px scrolls sideways by {overflow} px"
@@ -460,3 +463,48 @@ def test_what_if_reprices_beside_the_actual_figures(browser, stack):
              for r in browser.find_elements(By.CSS_SELECTOR, "#what-if tbody tr")}
     assert spend[("free", "actual")] == spend[("free", "proposed")]
     screenshot(browser, "what-if")
+
+
+def _csrf_in(page: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found, "no CSRF field in the page"
+    return found.group(1)
+
+
+def test_every_form_refuses_a_forged_csrf_token_and_the_pages_read_without_javascript(stack):
+    """Plain HTTP, no browser: what a page shows with scripts off, and every POST form checked for its token."""
+    with httpx.Client(base_url=stack.base, timeout=30, follow_redirects=False) as client:
+        # Sign-in: the form's token must come back with the sign-in cookie's.
+        token = _csrf_in(client.get("/console/sign-in").text)
+        forged = client.post("/console/sign-in", data={"csrf": "forged", "key": stack.admin_key})
+        assert forged.status_code == 403 and "ledger_console" not in forged.cookies, forged.text
+        signed = client.post("/console/sign-in", data={"csrf": token, "key": stack.admin_key})
+        assert signed.status_code == 303, signed.text
+        # Without JavaScript, a user's page is the figures themselves: the same period spend as GET /spend.
+        page = client.get(f"/console/users/{stack.user_ids['cy']}")
+        assert page.status_code == 200
+        with stack.api(stack.read_key) as api:
+            expected = api.get("/spend/cy").json(parse_float=Decimal)["period_spend"]
+        shown = re.search(r'id="period-spend">([^<]+)<', page.text)
+        assert shown and Decimal(shown.group(1)) == expected > 0
+        overview = client.get("/console/overview").text
+        assert re.search(r'<a href="/console/users/[^"]+">bo</a>', overview), "bo (blocked) is not listed"
+        assert "not live (needs JavaScript)" in overview
+        # Every form of a session: a forged token is a 403 and changes nothing.
+        plan_id = stack.plan_ids["free"]
+        with stack.api(stack.read_key) as api:
+            version = api.get(f"/config/plans/{plan_id}").json()["version"]
+        plan_page = client.get(f"/console/plans/{plan_id}").text
+        real = _csrf_in(plan_page)
+        for path, fields in ((f"/console/plans/{plan_id}", {"max_spend_per_period": "7.00"}),
+                             ("/console/what-if", {"start": "2026-01-01", "end": "2026-01-02", "plans": "{}"}),
+                             ("/console/sign-out", {})):
+            for token_sent in ("forged", None):
+                body = {**fields, **({"csrf": token_sent} if token_sent else {})}
+                refused = client.post(path, data=body)
+                assert refused.status_code == 403 and "CSRF" in refused.text, (path, token_sent, refused.text)
+        with stack.api(stack.read_key) as api:
+            assert api.get(f"/config/plans/{plan_id}").json()["version"] == version
+        # The session is still open (the forged sign-out did nothing), and its own token still works.
+        assert client.get("/console/overview").status_code == 200
+        assert client.post("/console/sign-out", data={"csrf": real}).status_code == 303

@@ -124,6 +124,8 @@ def test_fifty_parallel_user_creations_and_plan_patches_and_twenty_ingests_never
         assert sorted(r.json()["version"] for r in patched) == list(range(2, 52))
         newest = asyncio.run(_all([("GET", f"/config/plans/{plan_id}", None)], base, b))[0].json()
         assert newest["version"] == 51
+        print(f"\n{db_settings.control_url.split(':')[0]}: 50 POST /users {statuses(users)}, 50 PATCH "
+              f"{statuses(patched)}, 20 POST /usage {statuses(ingested)}")
 
     log = commands(db_settings)
     versions = Counter(c.plan.version for c in log if isinstance(c, PlanPublished))

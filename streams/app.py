@@ -39,7 +39,7 @@ from streams.publisher import CLOCK_KEY
 from streams.queries import QUERY_WAIT_S_MAX, query_decoder
 from streams.state import Position, partition_of, position_key, tail_key
 from streams.take import Window, take_events
-from streams.topics import MESSAGE_BYTES, Topics
+from streams.topics import ACCOUNTS_TABLE, MESSAGE_BYTES, Topics, processor_app_id
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ QUERIES_WAITING_MAX = 10_000  # the API's own bound on waiting requests
 # grows: writing each batch on its own, a busy stream folded 2 ms batches of a few records that each paid a
 # transaction per partition (1.4 events per transaction, a tenth of the Faust floor; docs/benchmarks.md).
 WRITES_QUEUED_MAX = 64
+# A producer's request must hold any record the processor lets through (RECORD_BYTES_MAX) with aiokafka's framing.
+PRODUCER_REQUEST_BYTES_MAX = RECORD_BYTES_MAX + 64 * 1024
 
 
 class StandbyMemoryStore(MemoryStore):
@@ -149,7 +151,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
     datadir = Path(settings.home) / "worker" / worker_id
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        f"{settings.namespace}-processor",
+        processor_app_id(settings.namespace),
         broker=f"kafka://{settings.bootstrap}",
         store=settings.store,
         datadir=str(datadir),
@@ -158,6 +160,8 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",
         producer_acks=-1,
+        # Outputs and tails go through Faust's producer: it must take any record the processor lets through.
+        producer_max_request_size=PRODUCER_REQUEST_BYTES_MAX,
         web_enabled=False,
         # A standby worker follows each table partition's changelog, ready to take it over.
         table_standby_replicas=settings.standby_replicas,
@@ -174,7 +178,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
     usage = app.topic(topics.usage, key_serializer="raw", value_serializer="raw",
                       partitions=settings.partitions)
     table = app.tables.add(PartitionedTable(
-        app=app, name="accounts", partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIGS,
+        app=app, name=ACCOUNTS_TABLE, partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIGS,
     ))
     pending = PendingState(lambda: table.data)
     processor = UsageProcessor(topics, pending.get, pending.scan, partitions=settings.partitions)
@@ -641,7 +645,7 @@ class PartitionLedger:
         if producer is None:
             producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, acks="all", enable_idempotence=True,
                                         transactional_id=f"{self.app.conf.id}-state-{p}", linger_ms=0,
-                                        max_request_size=RECORD_BYTES_MAX + 64 * 1024)
+                                        max_request_size=PRODUCER_REQUEST_BYTES_MAX)
             await producer.start()
             self._producers[p] = producer
         return producer

@@ -37,9 +37,9 @@ from streams.topics import Topics, partition_for_key
 log = logging.getLogger(__name__)
 
 StateValue = Account | PlanHistory | Position | Seen
-# Every record the processor writes (output or state) stays under this, below the producer's max_request_size
-# (1,048,576) and every topic's max.message.bytes (at least streams.topics.MESSAGE_BYTES_MIN, checked at start-up)
-# with room for headers and the batch's framing.
+# Every record the processor writes (output or state), key and value, stays under this: below every topic's
+# max.message.bytes (at least streams.topics.MESSAGE_BYTES_MIN, 1,048,588, checked at start-up) and its producers'
+# max_request_size (streams.app.PRODUCER_REQUEST_BYTES_MAX), with room for headers and the batch's framing.
 RECORD_BYTES_MAX = 1_000_000
 # A dead letter quotes the rejected record; past this it quotes the start and says so.
 DEAD_LETTER_PAYLOAD_CHARS_MAX = 64 * 1024

@@ -11,14 +11,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import CoordinatorLoadInProgressError, GroupCoordinatorNotAvailableError, NotCoordinatorError
 
 from ledger.settings import Settings
-from streams.topics import Topics, partitions_of
+from streams.topics import Topics, partitions_of, processor_app_id
 
 CATCH_UP_POLL_S = 0.5
 COORDINATOR_NOT_READY = (GroupCoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
 
 
 def processor_group(settings: Settings) -> str:
-    return f"{settings.namespace}-processor"
+    return processor_app_id(settings.namespace)
 
 
 async def end_offsets(settings: Settings, names: tuple[str, ...]) -> dict[TopicPartition, int]:

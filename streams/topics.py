@@ -119,9 +119,12 @@ async def _check_message_bytes(admin: AIOKafkaAdminClient, names: list[str], boo
     """Refuse to run on a topic that would refuse a record the processor may write (see MESSAGE_BYTES_MIN)."""
     resources = [ConfigResource(ConfigResourceType.TOPIC, name, dict.fromkeys(MESSAGE_BYTES)) for name in names]
     for response in await admin.describe_configs(resources):
-        for _error, _message, _type, name, entries in response.resources:
+        for error, message, _type, name, entries in response.resources:
+            if error:
+                raise TopicConfigError(f"topic {name}: the broker did not describe its configuration (error {error}: "
+                                       f"{message}), so its record limit cannot be checked")
             actual = {entry[0]: entry[1] for entry in entries}.get("max.message.bytes")
-            if actual is not None and int(actual) < MESSAGE_BYTES_MIN:
+            if actual is None or int(actual) < MESSAGE_BYTES_MIN:
                 raise TopicConfigError(
                     f"topic {name} has max.message.bytes={actual}: the ledger writes records of up to "
                     f"{MESSAGE_BYTES_MIN} bytes to it, and a refused write stops the worker. Fix: kafka-configs.sh "
@@ -129,10 +132,17 @@ async def _check_message_bytes(admin: AIOKafkaAdminClient, names: list[str], boo
                     f"--add-config max.message.bytes={MESSAGE_BYTES_MIN}")
 
 
+ACCOUNTS_TABLE = "accounts"
+
+
+def processor_app_id(namespace: str) -> str:
+    """The processor's Faust app id, which is also its consumer group."""
+    return f"{namespace}-processor"
+
+
 def changelog_topic(namespace: str) -> str:
-    """The account table's changelog, which Faust creates (``<app id>-<table>-changelog``, app id
-    ``<namespace>-processor``)."""
-    return f"{namespace}-processor-accounts-changelog"
+    """The account table's changelog, which Faust creates and names ``<app id>-<table>-changelog``."""
+    return f"{processor_app_id(namespace)}-{ACCOUNTS_TABLE}-changelog"
 
 
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:

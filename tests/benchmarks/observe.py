@@ -41,12 +41,6 @@ def memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
-def changelog_topic(namespace: str) -> str:
-    """The account table's changelog: Faust names it ``<app id>-<table>-changelog``; the app id is
-    ``<namespace>-processor`` and the table ``accounts`` (streams/app.py)."""
-    return f"{namespace}-processor-accounts-changelog"
-
-
 @dataclass
 class KindStats:
     records: int = 0

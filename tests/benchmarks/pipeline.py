@@ -33,12 +33,11 @@ from ledger.events import AnyCommand, UsageRecorded
 from ledger.settings import Settings
 from streams.codecs import decode_command
 from streams.progress import end_offsets
-from streams.topics import Topics, ensure_topics, partitions_of
+from streams.topics import Topics, changelog_topic, ensure_topics, partitions_of
 from tests.benchmarks.observe import (
     Changelog,
     ChangelogTail,
     changelog_ends,
-    changelog_topic,
     cpu_seconds,
     finish_profile,
     print_top,

@@ -270,11 +270,11 @@ def screenshot(driver, name: str) -> list[Path]:  # type: ignore[no-untyped-def]
         height = driver.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
         driver.set_window_size(width, min(int(height) + 20, 8000))
         time.sleep(0.2)
+        # The page is laid out at this width (a browser may keep a window wider than asked) ...
+        assert driver.execute_script("return window.innerWidth") == width, f"{name}: the window is not {width} px"
         path = ARTIFACTS / f"{name}-{width}.png"
         driver.save_screenshot(str(path))
         written.append(path)
-        # The page was laid out at this width (a browser may keep a window wider than asked) ...
-        assert driver.execute_script("return window.innerWidth") == width, f"{name}: the window is not {width} px"
         # ... and is readable there: nothing but a table's own scroller is wider than the window.
         overflow = driver.execute_script(
             "return document.documentElement.scrollWidth - document.documentElement.clientWidth")
@@ -498,7 +498,7 @@ def test_every_form_refuses_a_forged_csrf_token_and_the_pages_read_without_javas
         real = _csrf_in(plan_page)
         for path, fields in ((f"/console/plans/{plan_id}", {"max_spend_per_period": "7.00"}),
                              ("/console/what-if", {"start": "2026-01-01", "end": "2026-01-02", "plans": "{}"}),
-                             ("/console/sign-out", {})):
+                             ("/console/sign-out", {"then": "stay"})):  # a field, so that httpx sends a form
             for token_sent in ("forged", None):
                 body = {**fields, **({"csrf": token_sent} if token_sent else {})}
                 refused = client.post(path, data=body)

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from ledger.plans import CostRate
+from streams.topics import changelog_topic
 from tests.conftest import wait_processed
 from tests.factories import Ledger, assigned, published, seed_plans, usage
 from tests.kafka_io import entries, publish, publish_raw, read_partitions, rejections
@@ -49,9 +50,8 @@ def test_a_plan_too_large_to_store_is_dead_lettered_and_every_other_tenants_even
     # All of tenant A's spend, as the core's fold of tenant A's commands alone gives it (the probe saw 1 of 480).
     oracle = Ledger()
     oracle.apply_all([*a_plans_published, *a_assigned, *events])
-    stored = {a.user: a.period_spend for records in read_partitions(
-        settings, f"{settings.namespace}-processor-accounts-changelog").values()
-        for a in stored_accounts(records) if a.tenant == "tenant-a"}
+    stored = {a.user: a.period_spend for records in read_partitions(settings, changelog_topic(settings.namespace)).values()
+              for a in stored_accounts(records) if a.tenant == "tenant-a"}
     expected = {f"a{u}": oracle.account(f"a{u}", "tenant-a").period_spend for u in range(12)}
     assert stored == expected
     print(f"tenant A: {len(events)} events, {len(entries(settings))} entries, spend {sum(stored.values())} of "

@@ -22,6 +22,7 @@ from streams.app import FaultHooks, PartitionLedger
 from streams.codecs import encode
 from streams.metrics import WorkerMetrics
 from streams.processor import Batch
+from streams.topics import changelog_topic, processor_app_id
 
 pytestmark = pytest.mark.integration
 WRITE_WAIT_S = 30  # a write that has not returned by then has hung
@@ -43,7 +44,7 @@ def test_a_producer_revoked_inside_a_state_transaction_is_stopped_after_the_tran
 
 
 async def _revoked_inside_a_transaction(settings: Settings) -> None:
-    changelog = f"{settings.namespace}-processor-accounts-changelog"
+    changelog = changelog_topic(settings.namespace)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
     await admin.start()
     try:
@@ -52,7 +53,7 @@ async def _revoked_inside_a_transaction(settings: Settings) -> None:
         await admin.close()
     plain = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, acks="all")
     await plain.start()
-    app = SimpleNamespace(conf=SimpleNamespace(id=f"{settings.namespace}-processor"), producer=_FaustLikeProducer(plain))
+    app = SimpleNamespace(conf=SimpleNamespace(id=processor_app_id(settings.namespace)), producer=_FaustLikeProducer(plain))
     table = SimpleNamespace(changelog_topic=SimpleNamespace(get_topic_name=lambda: changelog), data={})
     ledger = PartitionLedger(app, settings, f"{settings.namespace}.usage", table, None, None,  # type: ignore[arg-type]
                              WorkerMetrics(CollectorRegistry()), FaultHooks())

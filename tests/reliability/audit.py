@@ -22,7 +22,7 @@ from ledger.events import AnyCommand, GateEvent, LedgerEntry, UsageRecorded
 from ledger.settings import Settings
 from projections.projector import connect
 from streams.progress import end_offsets, processor_lag
-from streams.topics import Topics
+from streams.topics import Topics, changelog_topic
 from tests.factories import T0, assigned, published, seed_plans, usage
 from tests.kafka_io import read_all, read_partitions
 from tests.oracle import UserOracle
@@ -105,7 +105,7 @@ def _audit(settings: Settings, users: dict[str, str], events: list[UsageRecorded
     for e in events:
         oracle[e.user].apply(e.event_id, e.model, e.input_tokens, e.output_tokens)
 
-    changelog = f"{settings.namespace}-processor-accounts-changelog"
+    changelog = changelog_topic(settings.namespace)
     accounts: dict[str, Account] = {}
     stamps: dict[str, list[int]] = defaultdict(list)  # each user's applied_to, in changelog order
     for records in read_partitions(settings, changelog).values():

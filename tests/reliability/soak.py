@@ -35,7 +35,7 @@ import msgspec
 from ledger.account import Account
 from ledger.events import LedgerEntry
 from streams.progress import processor_lag
-from streams.topics import ensure_topics
+from streams.topics import changelog_topic, ensure_topics
 from tests.benchmarks.pipeline import workload
 from tests.conftest import ROOT, WorkerProcess, delete_namespaces, new_settings
 from tests.kafka_io import publish, read_all, read_partitions
@@ -75,7 +75,7 @@ def repro(bootstrap: str, home: Path) -> tuple[int, int, int]:
             if e.event_id in by_id:
                 expected[e.user] += by_id[e.event_id].cost
         accounts: dict[str, Account] = {}
-        for records in read_partitions(settings, f"{settings.namespace}-processor-accounts-changelog").values():
+        for records in read_partitions(settings, changelog_topic(settings.namespace)).values():
             for account in stored_accounts(records):
                 accounts[account.user] = account
         off = sum(1 for u, spend in expected.items() if u not in accounts or accounts[u].period_spend != spend)

@@ -211,16 +211,14 @@ def test_a_dead_letter_quotes_at_most_its_bound_of_a_huge_record() -> None:
 def test_a_command_that_makes_the_core_raise_is_dead_lettered_alone_on_its_first_attempt(monkeypatch) -> None:
     """A poison pill (a bug the command triggers in the core) costs one attempt: it is dead-lettered as
     internal_error, its neighbours are applied, and the batch is stored, so nothing retries it forever."""
-    import streams.processor
-
-    core = streams.processor.decide
+    from streams.processor import decide as core
 
     def failing_on_ann_1(account, command, *args):  # type: ignore[no-untyped-def]
         if getattr(command, "event_id", None) == "ann-1":
             raise ZeroDivisionError("a bug the command triggers")
         return core(account, command, *args)
 
-    monkeypatch.setattr(streams.processor, "decide", failing_on_ann_1)
+    monkeypatch.setattr("streams.processor.decide", failing_on_ann_1)
     free = seed_plans()["free"]
     log = log_of([published(free), assigned("ann", free)] + [usage("ann", n) for n in range(3)])
     batch = Changelog().processor().run(log)

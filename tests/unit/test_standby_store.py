@@ -10,8 +10,9 @@ from faust.types import TP
 
 from ledger.settings import Settings
 from streams.app import StandbyMemoryStore, create_app
+from streams.topics import ACCOUNTS_TABLE, changelog_topic
 
-CHANGELOG = "ns-processor-accounts-changelog"
+CHANGELOG = changelog_topic("ns")
 
 
 def changelog_record(partition: int, offset: int, key: str, value: str) -> SimpleNamespace:
@@ -20,8 +21,9 @@ def changelog_record(partition: int, offset: int, key: str, value: str) -> Simpl
 
 def test_a_standby_partition_survives_recovery_and_resumes_at_its_last_offset(tmp_path: Path) -> None:
     app = create_app(Settings(home=tmp_path, namespace="ns"))
-    store = app.tables["accounts"].data
+    store = app.tables[ACCOUNTS_TABLE].data
     assert isinstance(store, StandbyMemoryStore)
+    assert app.tables[ACCOUNTS_TABLE].changelog_topic.get_topic_name() == CHANGELOG  # the name ensure_topics checks
 
     # Given this worker owns partition 0 and follows partitions 1 and 2 as a standby,
     store.apply_changelog_batch([changelog_record(1, 0, "1:a:acme/u1", "v0"), changelog_record(1, 7, "1:a:acme/u1", "v7"),
@@ -42,7 +44,7 @@ def test_a_standby_partition_survives_recovery_and_resumes_at_its_last_offset(tm
 
 def test_a_tombstone_in_the_changelog_deletes_its_key_and_no_key_index_is_kept(tmp_path: Path) -> None:
     app = create_app(Settings(home=tmp_path, namespace="ns"))
-    store = app.tables["accounts"].data
+    store = app.tables[ACCOUNTS_TABLE].data
     key = "1:d:6:acme/ue-1"
     store.apply_changelog_batch([changelog_record(1, 0, key, "[1,\"ab\"]"), changelog_record(1, 1, "1:a:acme/u", "v")],
                                 lambda k: k, lambda v: v)

@@ -31,15 +31,16 @@ from prometheus_client import CollectorRegistry
 from ledger.events import ClockTicked
 from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode, table_form
-from streams.faust_consumer import READ_COMMITTED, RewindingConsumer
+from streams.faust_consumer import READ_COMMITTED, RecordLane, RewindingConsumer
 from streams.metrics import HealthServer, WorkerMetrics
+from streams.outputs import OutputProducer
 from streams.pending import PendingState
 from streams.processor import ALREADY_APPLIED, RECORD_BYTES_MAX, Batch, Record, UsageProcessor, merged
 from streams.publisher import CLOCK_KEY
 from streams.queries import QUERY_WAIT_S_MAX, query_decoder
 from streams.state import Position, partition_of, position_key, tail_key
 from streams.take import Window, take_events
-from streams.topics import ACCOUNTS_TABLE, MESSAGE_BYTES, Topics, processor_app_id
+from streams.topics import ACCOUNTS_TABLE, MESSAGE_BYTES, MESSAGE_BYTES_MIN, Topics, processor_app_id
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,12 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
         broker_commit_interval=FAUST_COMMIT_INTERVAL_S,
         broker_commit_every=FAUST_COMMIT_EVERY,
     )
-    app.transport.Consumer = RewindingConsumer  # faust's, reading committed, with its dropped-message bug fixed
     usage = app.topic(topics.usage, key_serializer="raw", value_serializer="raw",
                       partitions=settings.partitions)
+    # Faust's consumer, reading committed, with its dropped-message bug fixed; the usage topic's records
+    # leave it in whole fetches (the lane) rather than through its per-message path.
+    lane = RecordLane(usage.get_topic_name())
+    app.transport.Consumer = RewindingConsumer.with_lane(lane)
     table = app.tables.add(PartitionedTable(
         app=app, name=ACCOUNTS_TABLE, partitions=settings.partitions, extra_topic_configs=CHANGELOG_CONFIGS,
     ))
@@ -187,10 +191,24 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
 
     @app.agent(usage, name="ledger-processor")
     async def process_usage(stream: faust.StreamT) -> None:
+        """Subscribes the group to the usage topic (its partitions and the table's are assigned together).
+        Its records come through the lane (``apply_fetched``); any Faust delivers itself are applied here."""
         async for events in take_events(stream, BATCH_EVENTS_MAX, BATCH_WINDOW):
             records = [Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
                        for e in events]
             await ledger.guarded(ledger.apply(records))
+
+    @app.task
+    async def apply_fetched() -> None:
+        """The usage records of each fetch, applied in order, at most BATCH_EVENTS_MAX at a time."""
+        while True:
+            fetched = await lane.get()
+            generation = lane.generation
+            records = [Record(m.topic, m.partition, m.offset, m.key, m.value) for batch in fetched for m in batch]
+            for start in range(0, len(records), BATCH_EVENTS_MAX):
+                if lane.generation != generation:  # a revocation meanwhile: the records come again after it
+                    break
+                await ledger.guarded(ledger.apply(records[start:start + BATCH_EVENTS_MAX]))
 
     queries = app.topic(topics.queries, key_serializer="raw", value_serializer="raw", partitions=settings.partitions)
 
@@ -206,6 +224,7 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+        lane.clear()
         ledger.forget({tp.partition for tp in revoked if tp.topic == usage.get_topic_name()})
 
     @app.timer(CATCH_UP_S)
@@ -341,6 +360,7 @@ class PartitionLedger:
         self._batches_with_outputs = 0
         self._last_delivery = time.monotonic()
         self._refetcher: AIOKafkaConsumer | None = None
+        self._outputs: OutputProducer | None = None  # started with the first batch that has outputs
         self._totals: Counter[str] = Counter()
         self._advanced = asyncio.Event()  # set (and replaced) whenever a position moves
         self._answering: set[asyncio.Task[None]] = set()
@@ -522,7 +542,7 @@ class PartitionLedger:
             await (await self.app.producer.send(*reply, None, None, None))
 
     async def _send_outputs(self, batch: Batch) -> list[asyncio.Future[Any]]:
-        """Hand the batch's outputs to the producer; the futures resolve when the broker has each."""
+        """Hand the batch's outputs to the output producer; the future resolves when the broker has every one."""
         outputs = batch.outputs
         failing = False
         if outputs and self.hooks.fail_batch:
@@ -530,11 +550,13 @@ class PartitionLedger:
             failing = self._batches_with_outputs == self.hooks.fail_batch
         if failing:
             outputs = outputs[: len(outputs) // 2]
-        sent = await _send(self.app, ((topic, key, value, None) for topic, key, value in outputs))
+        if self._outputs is None:
+            self._outputs = OutputProducer(self.settings.bootstrap, MESSAGE_BYTES_MIN)
+        sent = self._outputs.send((topic, key, value, None) for topic, key, value in outputs)
         if failing:
-            await asyncio.gather(*sent)
+            await sent
             raise RuntimeError("test hook: an output send failed mid-batch")
-        return sent
+        return [sent]
 
     async def _write_state(self, batch: Batch, revocations: int) -> bool:
         """Store the batch's state and positions, one transaction per partition; False if this worker was fenced.

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from collections.abc import Mapping
+from typing import Any, ClassVar, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer
@@ -38,6 +39,58 @@ log = logging.getLogger(__name__)
 
 
 READ_COMMITTED = "read_committed"
+# Whole fetches of the lane's topic waiting for the processor; the consumer's fetch loop waits past this.
+LANE_FETCHES_MAX = 4
+
+
+class RecordLane:
+    """One topic's fetched records, handed over in whole fetches instead of message by message.
+
+    Faust delivers every record through its conductor, a stream, an event and an acknowledgement: about
+    110 µs of CPU per record here (a do-nothing agent read 8,800 records/s where a plain consumer read
+    170,000). The processor needs none of that. It keeps its own position per partition and applies in
+    offset order (``streams.app.PartitionLedger``), so the records of the usage topic that Faust's consumer
+    fetches are taken out of each fetch, as aiokafka returns them, before Faust's per-message path, and
+    queued here whole. The rest of the fetch (the changelog, spend queries) goes on through Faust.
+
+    The consumer's fetch loop is stopped (its task cancelled) at every rebalance; a fetch it had not yet
+    queued is then simply not applied, and the processor's hole check fetches it again. So the records are
+    applied by a task of their own (``get``), never inside the fetch loop, which could be cancelled mid-batch.
+    At a revocation (``clear``) every fetch queued before it is dropped, also one queued while the revocation
+    ran: the next assignment seeks to the committed positions, and the records come again.
+    """
+
+    def __init__(self, topic: str, fetches_max: int = LANE_FETCHES_MAX) -> None:
+        self.topic = topic
+        self._generation = 0  # one more at every revocation
+        self._fetches: asyncio.Queue[tuple[int, list[list[Any]]]] = asyncio.Queue(fetches_max)
+
+    async def split(self, records: Mapping[Any, list[Any]], active: set[Any] | None) -> dict[Any, list[Any]]:
+        """Queue this topic's records of ``records`` (of the partitions Faust would deliver: ``active``);
+        return the rest."""
+        taken = [batch for tp, batch in records.items()
+                 if tp.topic == self.topic and batch and (active is None or tp in active)]
+        if taken:
+            await self._fetches.put((self._generation, taken))
+        return {tp: batch for tp, batch in records.items() if tp.topic != self.topic}
+
+    @property
+    def generation(self) -> int:
+        """One more at every revocation: the fetch ``get`` returned is of the current one."""
+        return self._generation
+
+    def clear(self) -> None:
+        """Drop every fetch queued so far, and any still being queued."""
+        self._generation += 1
+        while not self._fetches.empty():
+            self._fetches.get_nowait()
+
+    async def get(self) -> list[list[Any]]:
+        """The next fetch: per partition, its records (aiokafka's ConsumerRecord) in offset order."""
+        while True:
+            generation, fetched = await self._fetches.get()
+            if generation == self._generation:
+                return fetched
 
 
 class CommittedReadingThread(AIOKafkaConsumerThread):
@@ -53,8 +106,21 @@ class CommittedReadingThread(AIOKafkaConsumerThread):
 
 
 class RewindingConsumer(Consumer):
+    lane: ClassVar[RecordLane | None] = None  # set on a subclass per app (``with_lane``)
+
+    @classmethod
+    def with_lane(cls, lane: RecordLane) -> type[RewindingConsumer]:
+        return type("LaneConsumer", (cls,), {"lane": lane})
+
     def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
         return CommittedReadingThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
+        records, active = await super()._wait_next_records(timeout)
+        # With the flow suspended (a rebalance), Faust's getmany drops the whole fetch and seeks back: so here.
+        if records and self.lane is not None and self.flow_active:
+            records = await self.lane.split(records, active)
+        return records, active
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover (run by the real worker)
         callback = self.callback

@@ -56,12 +56,13 @@ def exit_and_restart(settings: Settings, worker_factory, env: dict[str, str], co
 
 
 def test_an_exception_mid_batch_stops_the_worker_and_a_restart_loses_nothing(settings, worker_factory):
-    # Given a worker whose 20th batch fails after sending half of its outputs,
-    # (one event per record: in envelopes, 20,000 events may take fewer than 20 batches)
+    # Given a worker whose 3rd batch fails after sending half of its outputs
+    # (a batch is at most 5,000 records, one event each here, so 20,000 events make at least 4 batches;
+    # a batch is what one fetch brought, so a busy worker may well make no more than that),
     users, events = published_workload(settings, 200, 20_000, envelopes=False)
     # then the worker exits non-zero rather than acknowledging the batch,
     # and a restarted worker applies the batch again: nothing lost, nothing counted twice.
-    exit_and_restart(settings, worker_factory, {"LEDGER_TEST_FAIL_BATCH": "20"}, 70,
+    exit_and_restart(settings, worker_factory, {"LEDGER_TEST_FAIL_BATCH": "3"}, 70,
                      "processing failed; stopping the worker")
     audit(settings, users, events)
 

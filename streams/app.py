@@ -75,6 +75,11 @@ QUERIES_WAITING_MAX = 10_000  # the API's own bound on waiting requests
 # grows: writing each batch on its own, a busy stream folded 2 ms batches of a few records that each paid a
 # transaction per partition (1.4 events per transaction, a tenth of the Faust floor; docs/benchmarks.md).
 WRITES_QUEUED_MAX = 64
+# And at most this many records in them (a batch is a whole fetch, up to BATCH_EVENTS_MAX records): the folded
+# state, outputs and records of a queued batch stay in memory until it is stored, and 64 batches of 5,000 records
+# took a worker with 1,000,000 users from 1.5 GB to 2.5 GB of RSS. Fewer records per stored group cost CPU
+# (accounts written more often): 8 batches of up to 5,000 made 1.6 GB, at 20% less throughput (docs/benchmarks.md).
+WRITES_QUEUED_RECORDS_MAX = 40_000
 # A producer's request must hold any record the processor lets through (RECORD_BYTES_MAX) with aiokafka's framing.
 PRODUCER_REQUEST_BYTES_MAX = RECORD_BYTES_MAX + 64 * 1024
 
@@ -350,6 +355,8 @@ class PartitionLedger:
         # Per owned partition, the next offset to fold: past the durable position by the batches still queued.
         self.folded: dict[int, int] = {}
         self._queue: asyncio.Queue[Queued] = asyncio.Queue(maxsize=WRITES_QUEUED_MAX)
+        self._queued_records = 0  # records of the batches in the queue
+        self._room = asyncio.Event()  # set when the writer has taken batches out of the queue
         self._writer: asyncio.Task[None] | None = None
         self._batches = 0  # numbers the folded batches (PendingState)
         self._generation = 0  # moves when queued batches are dropped: a batch folded before is dropped too
@@ -469,6 +476,10 @@ class PartitionLedger:
         sent = await self._send_outputs(batch)
         if self._writer is None:
             self._writer = asyncio.create_task(self.guarded(self._write_loop()))
+        while self._queued_records and self._queued_records + len(records) > WRITES_QUEUED_RECORDS_MAX:
+            self._room.clear()
+            await self._room.wait()
+        self._queued_records += len(records)
         await self._queue.put(Queued(number, batch, sent, revocations, generation, len(records), started))
 
     async def _write_loop(self) -> None:
@@ -482,6 +493,8 @@ class PartitionLedger:
             group = [await self._queue.get()]
             while not self._queue.empty():
                 group.append(self._queue.get_nowait())
+            self._queued_records -= sum(queued.records for queued in group)
+            self._room.set()
             await asyncio.gather(*(sent for queued in group for sent in queued.sent))
             # Batches folded before a refusal are dropped (a prefix: only this loop moves the generation).
             for queued in group:

@@ -70,7 +70,7 @@ CATCH_UP_IDLE_S = 5.0  # no delivery for this long while the log has more: fetch
 COMMIT_TIMEOUT_S = 5.0
 REFETCH_POLL_MS = 500
 QUERIES_WAITING_MAX = 10_000  # the API's own bound on waiting requests
-# Folded batches waiting for the writer while it stores the ones before; the agent waits past this. The writer
+# Folded batches waiting for the writer while it stores the ones before; the applier waits past this. The writer
 # stores all it finds queued in one transaction per partition, so the transactions per event fall as the load
 # grows: writing each batch on its own, a busy stream folded 2 ms batches of a few records that each paid a
 # transaction per partition (1.4 events per transaction, a tenth of the Faust floor; docs/benchmarks.md).

@@ -565,7 +565,7 @@ class PartitionLedger:
             outputs = outputs[: len(outputs) // 2]
         if self._outputs is None:
             self._outputs = OutputProducer(self.settings.bootstrap, MESSAGE_BYTES_MIN)
-        sent = self._outputs.send((topic, key, value, None) for topic, key, value in outputs)
+        sent = self._outputs.send(outputs)
         if failing:
             await sent
             raise RuntimeError("test hook: an output send failed mid-batch")

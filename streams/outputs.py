@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import confluent_kafka
@@ -25,7 +25,6 @@ POLL_S = 0.05
 # Messages librdkafka holds before produce() refuses more (it then waits for deliveries).
 QUEUE_MESSAGES_MAX = 500_000
 QUEUE_FULL_WAIT_S = 0.005
-FLUSH_TIMEOUT_S = 30.0
 
 
 class OutputError(RuntimeError):
@@ -68,37 +67,28 @@ class OutputProducer:
             "message.max.bytes": message_bytes_max,
             "queue.buffering.max.messages": QUEUE_MESSAGES_MAX,
         })
-        self._stopping = threading.Event()
-        self._poller = threading.Thread(target=self._poll, name="output-deliveries", daemon=True)
-        self._poller.start()
+        # Never stopped: a worker ends by exiting, and a batch's state is stored only once its outputs are
+        # acknowledged, so an output still queued at the exit is sent again by the next owner.
+        threading.Thread(target=self._poll, name="output-deliveries", daemon=True).start()
 
     def _poll(self) -> None:
-        while not self._stopping.is_set():
+        while True:
             self._producer.poll(POLL_S)
 
-    def send(self, messages: Iterable[tuple[str, bytes | None, bytes, int | None]]) -> asyncio.Future[None]:
-        """Queue ``messages`` (topic, key, value, partition or None); the future resolves when all are acknowledged."""
+    def send(self, messages: Sequence[tuple[str, bytes | None, bytes]]) -> asyncio.Future[None]:
+        """Queue ``messages`` (topic, key, value), partitioned by key; the future resolves when all are acknowledged."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        messages = list(messages)
         if not messages:
             future.set_result(None)
             return future
         batch = _Batch(loop, future, len(messages))
         produce = self._producer.produce
-        for topic, key, value, partition in messages:
+        for topic, key, value in messages:
             while True:
                 try:
-                    if partition is None:
-                        produce(topic, value, key, on_delivery=batch.delivered)
-                    else:
-                        produce(topic, value, key, partition, on_delivery=batch.delivered)
+                    produce(topic, value, key, on_delivery=batch.delivered)
                     break
                 except BufferError:  # librdkafka's queue is full: the poll thread serves deliveries meanwhile
                     time.sleep(QUEUE_FULL_WAIT_S)
         return future
-
-    def close(self) -> None:
-        self._producer.flush(FLUSH_TIMEOUT_S)
-        self._stopping.set()
-        self._poller.join(timeout=5)

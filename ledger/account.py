@@ -80,7 +80,7 @@ class PlanHistory(msgspec.Struct, kw_only=True, tag="plan_history"):
         return self.versions[max(self.versions)]
 
 
-class SessionState(msgspec.Struct, kw_only=True):
+class SessionState(msgspec.Struct, kw_only=True, array_like=True):
     session_id: str
     started_at: datetime
     last_at: datetime
@@ -93,7 +93,7 @@ class SessionState(msgspec.Struct, kw_only=True):
         return f"session:{self.session_id}@{self.started_at.isoformat()}"
 
 
-class Reservation(msgspec.Struct, frozen=True, kw_only=True):
+class Reservation(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """An admitted call's estimate, held until its usage settles it or it expires (event time)."""
 
     reservation_id: str
@@ -104,7 +104,7 @@ class Reservation(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: datetime
 
 
-class Block(msgspec.Struct, frozen=True, kw_only=True):
+class Block(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """A hard block in force, remembered so that lifting it can be announced once."""
 
     dimension: str
@@ -116,7 +116,7 @@ class Block(msgspec.Struct, frozen=True, kw_only=True):
     plan_version: int
 
 
-class ClosedPeriod(msgspec.Struct, kw_only=True):
+class ClosedPeriod(msgspec.Struct, kw_only=True, array_like=True):
     """A recent period's final totals, kept so a late event can still correct them."""
 
     spend: Decimal
@@ -157,10 +157,21 @@ def within_horizon(account: Account, seen: Seen | None) -> Seen | None:
     return seen
 
 
-# Fields at their default are not stored: most accounts hold no blocks, reservations or closed periods.
-class Account(msgspec.Struct, kw_only=True, tag="account", omit_defaults=True):
+# Stored as an array (``["account", tenant, user, ...]``), its parts too: field names were most of an account's
+# bytes (a user past two hard limits took 1,155 bytes as an object, 777 as arrays; docs/state.md). Every field is
+# written, defaults too (msgspec omits none from an array); a shorter array reads the missing fields at the end
+# as their defaults, so new fields go at the end, with one. Accounts stored as objects, before, are read by
+# ``streams.codecs.decode_state``.
+class Account(msgspec.Struct, kw_only=True, tag="account", array_like=True):
     tenant: str
     user: str
+    # The offset, in its partition of the usage log, after the last record folded into this value.
+    # The fold never reads it; the processor stamps it, so that a record read again after a crash
+    # is recognised by its offset (offset < applied_to: already in this value), however old it is.
+    applied_to: int = 0
+    seq: int = 0
+    # How many command ids this account has remembered; the newest is Seen.n == remembered.
+    remembered: int = 0
     plan_id: str | None = None
     anchor: datetime | None = None
     period_start: datetime | None = None
@@ -169,20 +180,13 @@ class Account(msgspec.Struct, kw_only=True, tag="account", omit_defaults=True):
     period_tokens: dict[str, int] = {}
     crossed: list[str] = []
     sessions: dict[str, SessionState] = {}
-    seq: int = 0
-    # How many command ids this account has remembered; the newest is Seen.n == remembered.
-    remembered: int = 0
+    blocks: dict[str, Block] = {}
+    reservations: dict[str, Reservation] = {}
     # Pay-as-you-go: the prepaid balance, and how many top-ups opened a new balance scope.
     balance: Decimal = ZERO
     topups: int = 0
-    blocks: dict[str, Block] = {}
-    reservations: dict[str, Reservation] = {}
     # period start (ISO) -> totals of the last CLOSED_PERIODS_KEPT periods, oldest first.
     closed: dict[str, ClosedPeriod] = {}
-    # The offset, in its partition of the usage log, after the last record folded into this value.
-    # The fold never reads it; the processor stamps it, so that a record read again after a crash
-    # is recognised by its offset (offset < applied_to: already in this value), however old it is.
-    applied_to: int = 0
 
 
 def clone(account: Account) -> Account:

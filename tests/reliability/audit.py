@@ -21,6 +21,7 @@ from ledger.account import Account
 from ledger.events import AnyCommand, GateEvent, LedgerEntry, UsageRecorded
 from ledger.settings import Settings
 from projections.projector import connect
+from streams.codecs import decode_state, is_account
 from streams.progress import end_offsets, processor_lag
 from streams.topics import Topics, changelog_topic
 from tests.factories import T0, assigned, published, seed_plans, usage
@@ -92,8 +93,10 @@ def wait_for_entries(settings: Settings, count: float, healthy: Callable[[], Non
 def stored_accounts(records: list[tuple[bytes | None, bytes | None]]) -> Iterator[Account]:
     """The accounts among a changelog partition's records, in order (beside them: ids, plans, positions, tombstones)."""
     for _key, value in records:
-        if value is not None and value.startswith(b'{"type":"account"'):
-            yield msgspec.json.decode(value, type=Account)
+        if value is not None and is_account(value):
+            account = decode_state(value)
+            assert isinstance(account, Account)
+            yield account
 
 
 class AuditFailed(AssertionError):

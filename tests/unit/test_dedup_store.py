@@ -44,6 +44,22 @@ def test_an_account_whose_horizon_is_full_stays_under_a_kilobyte() -> None:
     assert len(encode(account)) <= 1024, len(encode(account))
 
 
+def test_an_account_past_both_models_hard_limits_with_a_full_horizon_stays_under_a_kilobyte() -> None:
+    """The heaviest account the seeds make: every threshold of both models crossed (four crossings, two blocks in
+    force) and a full horizon. As an object it took 1,155 bytes (the pipeline benchmark's largest, 1,219)."""
+    plans = seed_plans()
+    events = DEDUP_WINDOW_EVENTS_PER_USER + 200
+    log = log_of([published(plans["pro"]), assigned("ann", plans["pro"])]
+                 + [usage("ann", n, model=("gpt-4o", "gpt-4o-mini")[n % 2], input_tokens=400, output_tokens=300,
+                          session=f"s{n // 400}", at=T0 + timedelta(minutes=n)) for n in range(events)])
+    changelog = Changelog()
+    run(log, changelog, 100)
+    account = changelog.values[account_key(P, TENANT, "ann")]
+    assert isinstance(account, Account) and account.remembered == events + 1
+    assert len(account.blocks) == 2 and len(account.crossed) == 4
+    assert len(encode(account)) <= 1024, len(encode(account))
+
+
 def test_a_retry_in_a_later_batch_is_a_duplicate_and_a_changed_payload_a_conflict() -> None:
     log = busy_user_log(10)
     changelog = Changelog()

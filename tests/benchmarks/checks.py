@@ -33,6 +33,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ledger.cli.stack import wait_for_http
 from ledger.control.store import ControlStore
+from ledger.events import Envelope
+from streams.codecs import decode_record
 from streams.topics import Topics, ensure_topics, partitions_of
 from tests.conftest import ROOT, WorkerProcess, delete_namespaces, free_port, new_settings, wait_processed
 
@@ -164,6 +166,14 @@ class _Check(msgspec.Struct):
     request_id: str
 
 
+def _commands(value: bytes) -> list[bytes]:
+    try:
+        record = decode_record(value)
+    except msgspec.DecodeError:
+        return []
+    return [bytes(raw) for raw in record.commands] if isinstance(record, Envelope) else [value]
+
+
 class _Reply(msgspec.Struct):
     request_id: str
 
@@ -173,12 +183,14 @@ def breakdown(bootstrap: str, namespace: str, sent: list[Sent]) -> dict[str, lis
     topics = Topics.for_namespace(namespace)
     checks: dict[str, tuple[str, int]] = {}  # reservation id -> (request id, usage record's CreateTime)
     for _key, value, ts in asyncio.run(timestamps(bootstrap, topics.usage)):
-        if b'"check"' in value:
-            try:
-                check = msgspec.json.decode(value, type=_Check)
-            except msgspec.DecodeError:
-                continue
-            checks[check.event_id] = (check.request_id, ts)
+        # Checks that arrive together share a record (an envelope): each is timed by that record.
+        for command in _commands(value):
+            if b'"check"' in command:
+                try:
+                    check = msgspec.json.decode(command, type=_Check)
+                except msgspec.DecodeError:
+                    continue
+                checks[check.event_id] = (check.request_id, ts)
     replies: dict[str, int] = {}
     for _key, value, ts in asyncio.run(timestamps(bootstrap, topics.replies)):
         try:

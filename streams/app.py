@@ -439,7 +439,9 @@ class PartitionLedger:
                                     "fetching it", p, end, start)
                         self.metrics.holes.inc()
                         await self._apply(await self._refetch(p, start, min(end, start + BATCH_EVENTS_MAX)))
-            await self._commit(self.positions)
+        # Outside the lock: a commit is a round trip through Faust's consumer thread and the group coordinator,
+        # and the batches folded meanwhile waited for it (every second, the slowest checks were those).
+        await self._commit(dict(self.positions))
 
     def _drop_injected(self, records: list[Record]) -> list[Record]:
         if not self.hooks.drop:

@@ -29,6 +29,7 @@ from faust.tables.table import Table
 from prometheus_client import CollectorRegistry
 
 from ledger.events import ClockTicked
+from ledger.heap import freeze_startup_heap
 from ledger.settings import Settings
 from streams.codecs import STATE_CODEC, encode, table_form
 from streams.faust_consumer import READ_COMMITTED, RecordLane, RewindingConsumer
@@ -242,6 +243,13 @@ def create_app(settings: Settings, worker_id: str = "0", metrics: WorkerMetrics 
     async def catch_up() -> None:
         """Apply records that Faust has not delivered although they are in the log, and commit durable positions."""
         await ledger.guarded(ledger.catch_up())
+
+    @app.task
+    async def settle_heap() -> None:
+        """Once the first recovery is done, what the worker holds then is kept out of full collections."""
+        while not ledger.recovered():
+            await asyncio.sleep(1.0)
+        freeze_startup_heap()
 
     @app.timer(HEALTH_SAMPLE_S)
     async def sample_health() -> None:

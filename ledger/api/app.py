@@ -21,6 +21,7 @@ from ledger.catalog import load_catalog
 from ledger.control.config import CommandLog
 from ledger.control.outbox import Relay
 from ledger.control.store import ControlStore
+from ledger.heap import freeze_startup_heap
 from ledger.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
         app.state.replies = replies
         app.state.queries = QueryPublisher(settings)
         await app.state.queries.start()
+        freeze_startup_heap()
         try:
             if command_log is not None:
                 async with _relaying(app, command_log):

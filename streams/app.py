@@ -84,9 +84,12 @@ WRITES_QUEUED_RECORDS_MAX = 40_000
 # The writer stores at most this often while it keeps up: a state transaction costs the broker and the worker
 # several requests per partition, and at a few hundred checks/s over 12 partitions nearly every batch paid one of
 # its own. Checks' answers never wait for it (they go out with the batch's outputs); a spend query waiting for a
-# position, or a full queue, has the writer store at once. At 200 checks/s: broker CPU 49% -> 30%, worker 61% ->
-# 44%, check p50 9.0 -> 4.6 ms (docs/benchmarks.md). A crash repeats at most this much more from the log.
-STATE_WRITE_EVERY_S = 0.1
+# position, or a full queue, has the writer store at once. At 200 checks/s, storing every 100 ms instead of after
+# every batch took broker CPU from 49% to 30%, the worker from 61% to 44%, and check p50 from 9.0 to 4.6 ms. Each
+# store is still a burst (about 0.7 ms of the loop per partition written, 12 at once), and a check folded behind
+# one waited for it: every 500 ms, the checks over 20 ms fell from 214 and 136 to 121 and 60 of 6,000 (two pairs of
+# runs; docs/benchmarks.md). A crash repeats at most this much more from the log.
+STATE_WRITE_EVERY_S = 0.5
 # A producer's request must hold any record the processor lets through (RECORD_BYTES_MAX) with aiokafka's framing.
 PRODUCER_REQUEST_BYTES_MAX = RECORD_BYTES_MAX + 64 * 1024
 

@@ -15,6 +15,7 @@ import gc
 
 
 def freeze_startup_heap() -> None:
-    """Call once, when startup is done: what exists then is kept out of later collections."""
+    """Call once, in a process's entry point, when startup is done: what exists then is kept out of later
+    collections, for good (so never in a process that builds and drops apps, such as the tests')."""
     gc.collect()
     gc.freeze()

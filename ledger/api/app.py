@@ -32,8 +32,12 @@ def wall_clock() -> datetime:
 
 
 def create_api(settings: Settings, *, store: ControlStore | None = None, command_log: CommandLog | None = None,
-               clock: Callable[[], datetime] = wall_clock) -> FastAPI:
-    """``clock`` dates what the API writes to the log (queries, checks, top-ups, subscriptions, undated usage)."""
+               clock: Callable[[], datetime] = wall_clock, freeze_heap: bool = False) -> FastAPI:
+    """``clock`` dates what the API writes to the log (queries, checks, top-ups, subscriptions, undated usage).
+
+    ``freeze_heap``: once started, keep what startup built out of later full collections (``ledger.heap``), for
+    good. For a process that runs this one app (``ledger api``), not for one that builds and drops apps (tests).
+    """
     store = store or ControlStore(settings.control_url)
     store.create_schema()
 
@@ -50,7 +54,8 @@ def create_api(settings: Settings, *, store: ControlStore | None = None, command
         app.state.replies = replies
         app.state.queries = QueryPublisher(settings)
         await app.state.queries.start()
-        freeze_startup_heap()
+        if freeze_heap:
+            freeze_startup_heap()
         try:
             if command_log is not None:
                 async with _relaying(app, command_log):

@@ -183,7 +183,8 @@ def api(host: str, port: int | None) -> None:
     from ledger.api.app import create_api
 
     settings = _settings()
-    uvicorn.run(create_api(settings), host=host, port=port or settings.api_port, log_level="info", access_log=False)
+    uvicorn.run(create_api(settings, freeze_heap=True), host=host, port=port or settings.api_port, log_level="info",
+                access_log=False)
 
 
 @cli.group()

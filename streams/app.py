@@ -88,7 +88,8 @@ WRITES_QUEUED_RECORDS_MAX = 40_000
 # every batch took broker CPU from 49% to 30%, the worker from 61% to 44%, and check p50 from 9.0 to 4.6 ms. Each
 # store is still a burst (about 0.7 ms of the loop per partition written, 12 at once), and a check folded behind
 # one waited for it: every 500 ms, the checks over 20 ms fell from 214 and 136 to 121 and 60 of 6,000 (two pairs of
-# runs; docs/benchmarks.md). A crash repeats at most this much more from the log.
+# runs; docs/benchmarks.md). A crash repeats at most this much more from the log, and at a revocation what was
+# folded and not yet stored (at most this much) is dropped and folded again by the partition's next owner.
 STATE_WRITE_EVERY_S = 0.5
 # A producer's request must hold any record the processor lets through (RECORD_BYTES_MAX) with aiokafka's framing.
 PRODUCER_REQUEST_BYTES_MAX = RECORD_BYTES_MAX + 64 * 1024

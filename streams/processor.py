@@ -124,7 +124,7 @@ def merged(batches: list[Batch]) -> Batch:
     return state
 
 
-def _commands(record: Record) -> list[tuple[Record, Any]]:
+def commands_of(record: Record) -> list[tuple[Record, Any]]:
     """A record's commands, each with its own record (its bytes, its place) and its decoding or DecodeError."""
     try:
         decoded = decode_record(record.value or b"")
@@ -176,7 +176,7 @@ class UsageProcessor:
         self._watched = watched
         for record in records:
             batch.next_offsets[record.partition] = record.offset + 1
-            for unit, command in _commands(record):
+            for unit, command in commands_of(record):
                 try:
                     result = self._apply(unit, command, batch)
                 except Exception as exc:  # a poison command must not stop the partition: it alone is set aside

@@ -33,9 +33,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ledger.cli.stack import wait_for_http
 from ledger.control.store import ControlStore
-from ledger.events import Envelope
+from ledger.events import CheckRequested
 from ledger.heap import freeze_startup_heap
-from streams.codecs import decode_record
+from streams.processor import Record, commands_of
 from streams.topics import Topics, ensure_topics, partitions_of
 from tests.conftest import ROOT, WorkerProcess, delete_namespaces, free_port, new_settings, wait_processed
 
@@ -162,19 +162,6 @@ async def timestamps(bootstrap: str, topic: str) -> list[tuple[bytes | None, byt
     return out
 
 
-class _Check(msgspec.Struct):
-    event_id: str
-    request_id: str
-
-
-def _commands(value: bytes) -> list[bytes]:
-    try:
-        record = decode_record(value)
-    except msgspec.DecodeError:
-        return []
-    return [bytes(raw) for raw in record.commands] if isinstance(record, Envelope) else [value]
-
-
 class _Reply(msgspec.Struct):
     request_id: str
 
@@ -183,15 +170,11 @@ def breakdown(bootstrap: str, namespace: str, sent: list[Sent]) -> dict[str, lis
     """Per answered check: the legs between the client's send, the two records' CreateTimes and the answer (ms)."""
     topics = Topics.for_namespace(namespace)
     checks: dict[str, tuple[str, int]] = {}  # reservation id -> (request id, usage record's CreateTime)
-    for _key, value, ts in asyncio.run(timestamps(bootstrap, topics.usage)):
+    for key, value, ts in asyncio.run(timestamps(bootstrap, topics.usage)):
         # Checks that arrive together share a record (an envelope): each is timed by that record.
-        for command in _commands(value):
-            if b'"check"' in command:
-                try:
-                    check = msgspec.json.decode(command, type=_Check)
-                except msgspec.DecodeError:
-                    continue
-                checks[check.event_id] = (check.request_id, ts)
+        for _unit, command in commands_of(Record(topics.usage, 0, 0, key, value)):
+            if isinstance(command, CheckRequested):
+                checks[command.event_id] = (command.request_id, ts)
     replies: dict[str, int] = {}
     for _key, value, ts in asyncio.run(timestamps(bootstrap, topics.replies)):
         try:
